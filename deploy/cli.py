@@ -1,0 +1,242 @@
+"""The `chatfabric` command: `up` (everything on one machine), `gateway`, `worker`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from ..proto.bus import BusConfig, connect
+
+log = logging.getLogger("chatfabric")
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+
+def data_dir() -> Path:
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "chatfabric"
+
+
+# -- argument groups ------------------------------------------------------------------------
+
+
+def add_gateway_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("gateway")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    g.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
+    g.add_argument(
+        "--api-keys",
+        default=os.environ.get("CHATFABRIC_API_KEYS", ""),
+        help="comma-separated keys clients must send as 'Authorization: Bearer KEY' "
+        "(default: $CHATFABRIC_API_KEYS; empty: no authentication)",
+    )
+    g.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="largest request body (default: 4 MiB)")
+    g.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may queue and run (default: %(default)s)")
+    g.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=15.0,
+        help="seconds of worker silence after the first token before a request fails with 504 (default: %(default)s)",
+    )
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    from ..worker.prompting import TEMPLATES
+
+    w = p.add_argument_group("worker")
+    w.add_argument("--model-path", help="a transformers model folder (default: SmolLM2-135M-Instruct, built in)")
+    w.add_argument("--model-name", help="name clients use in 'model' (default: the folder's name)")
+    w.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
+    w.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="auto: float32 on CPU, bfloat16 (or float16) on CUDA",
+    )
+    w.add_argument("--max-concurrency", type=int, default=4, help="requests served at once (default: %(default)s)")
+    w.add_argument(
+        "--conv-template",
+        choices=sorted(TEMPLATES),
+        help="built-in chat template, for models without one of their own (or to override it)",
+    )
+    w.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats (default: %(default)s)")
+    w.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds running requests get to finish on shutdown")
+
+
+def add_common_args(p: argparse.ArgumentParser, *, embedded: bool) -> None:
+    help_url = (
+        "NATS server to join (default: $NATS_URL; with neither, an embedded server is started)"
+        if embedded
+        else f"NATS server to join (default: $NATS_URL, else {DEFAULT_NATS_URL})"
+    )
+    p.add_argument("--nats-url", default=os.environ.get("NATS_URL"), help=help_url)
+    p.add_argument("--log-level", default=os.environ.get("CHATFABRIC_LOG_LEVEL", "INFO"), help="(default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chatfabric", description="Serve, evaluate and train LLM chatbots on a NATS JetStream fabric."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="run NATS, a gateway and a worker on this machine",
+                        description="Start everything on one machine: an embedded NATS server (unless "
+                        "--nats-url or $NATS_URL names one), the OpenAI-compatible gateway, and one worker.")
+    add_gateway_args(up)
+    add_worker_args(up)
+    up.add_argument("--data-dir", type=Path, default=data_dir(), help="embedded NATS storage (default: %(default)s)")
+    add_common_args(up, embedded=True)
+
+    gw = sub.add_parser("gateway", help="run an OpenAI-compatible gateway",
+                        description="Serve the OpenAI REST API, backed by the workers on the fabric.")
+    add_gateway_args(gw)
+    add_common_args(gw, embedded=False)
+
+    wk = sub.add_parser("worker", help="serve a model to the fabric",
+                        description="Pull requests for one model from the fabric and generate.")
+    add_worker_args(wk)
+    add_common_args(wk, embedded=False)
+    return parser
+
+
+# -- building configs -----------------------------------------------------------------------
+
+
+def gateway_config(args):
+    from ..gateway.app import GatewayConfig
+
+    return GatewayConfig(
+        host=args.host,
+        port=args.port,
+        api_keys=tuple(k.strip() for k in args.api_keys.split(",") if k.strip()),
+        max_body_bytes=args.max_body_bytes,
+        request_timeout=args.request_timeout,
+        heartbeat_timeout=args.heartbeat_timeout,
+    )
+
+
+async def load_worker(args):
+    """Load the model (off the event loop) and return (backend, prompts, config)."""
+    from ..worker.default_model import DEFAULT_MODEL_NAME, ensure_default_model
+    from ..worker.hf import HFBackend
+    from ..worker.prompting import PromptBuilder
+    from ..worker.service import WorkerConfig
+
+    if args.model_path:
+        path = Path(args.model_path)
+        if not path.is_dir():
+            raise ValueError(f"--model-path {path} is not a folder")
+        name = args.model_name or path.name
+    else:
+        path = await asyncio.to_thread(ensure_default_model)
+        name = args.model_name or DEFAULT_MODEL_NAME
+    config = WorkerConfig(
+        model_name=name,
+        max_concurrency=args.max_concurrency,
+        heartbeat_interval=args.heartbeat_interval,
+        shutdown_grace=args.shutdown_grace,
+    )
+    backend = await asyncio.to_thread(HFBackend.load, path, args.device, args.dtype)
+    prompts = PromptBuilder(backend.tokenizer, args.conv_template)
+    if not prompts.can_chat:
+        log.warning("%s has no chat template: chat requests will be refused (see --conv-template)", name)
+    return backend, prompts, config
+
+
+# -- commands -------------------------------------------------------------------------------
+
+
+async def run_gateway(args, stop: asyncio.Event) -> None:
+    from ..gateway.app import serve
+
+    config = gateway_config(args)
+    async with connect(BusConfig.from_env(url=args.nats_url or DEFAULT_NATS_URL), name="gateway") as bus:
+        await serve(bus, config, stop)
+
+
+async def run_worker(args, stop: asyncio.Event) -> None:
+    from ..worker.service import Worker
+
+    backend, prompts, config = await load_worker(args)
+    try:
+        async with connect(BusConfig.from_env(url=args.nats_url or DEFAULT_NATS_URL), name="worker") as bus:
+            await Worker(bus, backend, prompts, config).run(stop)
+    finally:
+        await backend.close()
+
+
+async def run_up(args, stop: asyncio.Event) -> None:
+    from ..gateway.app import serve
+    from ..worker.service import Worker
+
+    gw_config = gateway_config(args)
+    backend, prompts, wk_config = await load_worker(args)
+    bus_config = BusConfig.from_env(url=args.nats_url, store_dir=args.data_dir / "nats")
+    try:
+        async with connect(bus_config, name="chatfabric-up") as bus:
+            worker = asyncio.create_task(Worker(bus, backend, prompts, wk_config).run(stop), name="worker")
+            gateway = asyncio.create_task(serve(bus, gw_config, stop), name="gateway")
+            await asyncio.sleep(0.5)
+            if not (worker.done() or gateway.done()):
+                print_banner(gw_config, bus.nc.connected_url, wk_config.model_name)
+            done, _ = await asyncio.wait([worker, gateway], return_when=asyncio.FIRST_EXCEPTION)
+            stop.set()
+            await asyncio.gather(worker, gateway)
+    finally:
+        await backend.close()
+
+
+def print_banner(config, nats_url, model: str) -> None:
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
+    base = f"http://{host}:{config.port}/v1"
+    nats = f"{nats_url.scheme}://{nats_url.hostname}:{nats_url.port}"
+    auth = ' -H "Authorization: Bearer $KEY"' if config.api_keys else ""
+    print(
+        f"\nchatfabric is up: OpenAI-compatible API at {base} (model '{model}'), NATS at {nats}\n"
+        f"Try it:\n  curl {base}/chat/completions -H 'Content-Type: application/json'{auth} "
+        f"-d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n"
+        f"Add workers elsewhere with: NATS_URL={nats} chatfabric worker --model-path PATH\n"
+        f"Press Ctrl-C to stop.\n",
+        flush=True,
+    )
+
+
+COMMANDS = {"up": run_up, "gateway": run_gateway, "worker": run_worker}
+
+
+async def _main(args) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await COMMANDS[args.command](args, stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        asyncio.run(_main(args))
+    except (ValueError, FileNotFoundError) as err:
+        print(f"chatfabric {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except (ConnectionError, OSError) as err:
+        print(f"chatfabric {args.command}: cannot start: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

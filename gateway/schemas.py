@@ -1,0 +1,182 @@
+"""OpenAI request bodies as pydantic models. Unknown fields are accepted and ignored; known
+fields are checked, and features the fabric does not implement are refused by name."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..proto.messages import ChatMessage, SamplingParams
+
+MAX_N = 16
+MAX_STOP = 16
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    seed: int | None = None
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    # Extensions also understood by vLLM (pass them with the SDK's extra_body):
+    top_k: int | None = Field(default=None, ge=-1)
+    min_tokens: int = Field(default=0, ge=0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value):
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences are allowed")
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must not be empty strings")
+        return stops
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value):
+        for token, bias in (value or {}).items():
+            if not token.lstrip("-").isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
+        return value
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    def effective_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def sampling(self, index: int) -> SamplingParams:
+        """Sampling parameters of choice `index` (a seeded request gets seed + index per choice,
+        so the choices of one request differ while the whole request stays reproducible)."""
+        return SamplingParams(
+            max_tokens=self.effective_max_tokens(),
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_tokens=self.min_tokens,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            seed=None if self.seed is None else self.seed + index,
+            stop=tuple(self.stop or ()),
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos,
+            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class _TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class _InMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[_TextPart] | None = None
+
+    def to_chat(self, index: int) -> ChatMessage:
+        content = self.content
+        if isinstance(content, list):
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise ValueError(
+                        f"messages[{index}].content: only text parts are supported, got {part.type!r}"
+                    )
+            content = "".join(part.text for part in content)
+        if content is None:
+            raise ValueError(f"messages[{index}].content must be given")
+        role = "system" if self.role == "developer" else self.role
+        return ChatMessage(role=role, content=content)
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[_InMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    response_format: dict | None = None
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        if self.logprobs:
+            raise ValueError("logprobs are not supported by this server")
+        if self.tools or self.functions:
+            raise ValueError("tool and function calling are not supported by this server")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise ValueError("only response_format {'type': 'text'} is supported")
+        self.chat_messages()  # content parts other than text are refused here, with their index
+        return self
+
+    def effective_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def chat_messages(self) -> tuple[ChatMessage, ...]:
+        return tuple(m.to_chat(i) for i, m in enumerate(self.messages))
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=16, ge=1)  # the OpenAI default for completions
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        if self.logprobs is not None:
+            raise ValueError("logprobs are not supported by this server")
+        if self.best_of not in (None, 1, self.n):
+            raise ValueError("best_of is not supported by this server")
+        if self.suffix:
+            raise ValueError("suffix is not supported by this server")
+        prompts = self.prompts()  # refuses empty prompts
+        if self.echo and not all(isinstance(p, str) for p in prompts):
+            raise ValueError("echo is only supported with text prompts")
+        return self
+
+    def prompts(self) -> list[str | tuple[int, ...]]:
+        p = self.prompt
+        if isinstance(p, str):
+            items = [p]
+        elif p and all(isinstance(x, int) for x in p):
+            items = [tuple(p)]
+        else:
+            items = [x if isinstance(x, str) else tuple(x) for x in p]
+        if not items or any(len(x) == 0 for x in items):
+            raise ValueError("prompt must not be empty")
+        return items
