@@ -19,6 +19,8 @@ from .schemas import ChatCompletionRequest, CompletionRequest, _Common
 CONFIG = web.AppKey("config", object)
 GENERATIONS = web.AppKey("generations", Generations)
 
+WORKER_HEADER = "X-Chatfabric-Worker"  # which worker(s) served the response
+
 routes = web.RouteTableDef()
 
 
@@ -130,7 +132,8 @@ async def respond(
                 finals[index] = chunk
         choices = [shape.choice(i, "".join(texts[i]), finals[i].finish_reason) for i in range(len(streams))]
         return web.json_response(
-            {**head, "object": shape.object, "choices": choices, "usage": total_usage(finals, first_of_prompt)}
+            {**head, "object": shape.object, "choices": choices, "usage": total_usage(finals, first_of_prompt)},
+            headers={WORKER_HEADER: ",".join(sorted({f.worker_id for f in finals.values()}))},
         )
     return await stream_sse(request, body, events, shape, head, len(streams), first_of_prompt)
 
@@ -142,9 +145,10 @@ async def stream_sse(request, body, events, shape, head, n_choices, first_of_pro
         first = await iterator.__anext__()
     except StopAsyncIteration:
         first = None
-    response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    )
+    headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    if first is not None:
+        headers[WORKER_HEADER] = first[1].worker_id
+    response = web.StreamResponse(headers=headers)
     await response.prepare(request)
     usage_field = {"usage": None} if body.include_usage else {}
 

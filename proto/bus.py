@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import AsyncIterator
 
-import nats
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext, api
 from nats.js.errors import APIError, BadRequestError, BucketNotFoundError, NotFoundError
@@ -166,29 +166,31 @@ class Bus:
         await self.registry.delete(worker_id)
 
 
-async def _log_error(err: Exception) -> None:
-    log.warning("nats: %s", err)
-
-
-async def _log_disconnect() -> None:
-    log.warning("nats: disconnected, reconnecting")
-
-
-async def _log_reconnect() -> None:
-    log.info("nats: reconnected")
-
-
 async def open_connection(url: str, name: str) -> NATS:
-    return await nats.connect(
+    """Connect with endless reconnects; a lost connection is logged, never fatal."""
+    nc = NATS()
+
+    async def on_error(err: Exception) -> None:
+        log.warning("nats %s: %s", name, err)
+
+    async def on_disconnect() -> None:
+        if not (nc.is_closed or nc.is_draining):
+            log.warning("nats %s: disconnected from %s, reconnecting", name, url)
+
+    async def on_reconnect() -> None:
+        log.info("nats %s: reconnected", name)
+
+    await nc.connect(
         url,
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=1.0,
         connect_timeout=5,
-        error_cb=_log_error,
-        disconnected_cb=_log_disconnect,
-        reconnected_cb=_log_reconnect,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
     )
+    return nc
 
 
 @contextlib.asynccontextmanager

@@ -102,7 +102,9 @@ class HFBackend:
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", dtype: str = "auto") -> "HFBackend":
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()
         device = pick_device(device)
         torch_dtype = pick_dtype(dtype, device)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
