@@ -264,6 +264,10 @@ async def health(request: web.Request) -> web.Response:
         "status": "ok" if connected else "degraded",
         "nats": "connected" if connected else "disconnected",
         "models": sorted(generations.registry.models()),
-        "workers": [c.model_dump(include={"worker_id", "backend", "device", "capacity", "in_flight"}) for c in cards],
+        "workers": [
+            {**c.model_dump(include={"worker_id", "backend", "device", "capacity", "in_flight"}),
+             "models": [m.name for m in c.models]}
+            for c in cards
+        ],
     }
     return web.json_response(body, status=200 if connected else 503)

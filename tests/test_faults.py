@@ -1,0 +1,236 @@
+"""Failure handling with real processes: several workers, kills, disconnects, expiry, full
+queues, silent workers and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import threading
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+from openai import OpenAI
+
+from nats.js.errors import KeyDeletedError, KeyNotFoundError
+
+from chatfabric.proto import subjects
+from chatfabric.proto.bus import BusConfig, connect
+from conftest import MODEL, http_json, make_fabric, wait_for
+
+LONG = {"ignore_eos": True}
+
+
+def openai_client(base: str) -> OpenAI:
+    return OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def model_entry(base: str, model: str) -> dict | None:
+    return {m["id"]: m for m in http_json(f"{base}/v1/models")["data"]}.get(model)
+
+
+def consumer_state(nats_url: str, model: str) -> tuple[int, int]:
+    """(requests waiting, requests delivered but not acked) of a model's consumer."""
+
+    async def read():
+        async with connect(BusConfig(url=nats_url), name="test") as bus:
+            info = await bus.js.consumer_info(subjects.GEN_STREAM, subjects.gen_consumer(model))
+            return info.num_pending, info.num_ack_pending
+
+    return asyncio.run(read())
+
+
+def worker_ids(base: str, model: str) -> set[str]:
+    return {w["worker_id"] for w in http_json(f"{base}/health")["workers"] if model in w["models"]}
+
+
+class Background(threading.Thread):
+    """Runs one call in a thread and keeps its result or exception."""
+
+    def __init__(self, fn):
+        super().__init__(daemon=True)
+        self.fn, self.result, self.error = fn, None, None
+        self.start()
+
+    def run(self):
+        try:
+            self.result = self.fn()
+        except BaseException as err:  # kept for the test to inspect
+            self.error = err
+
+    def value(self, timeout=120):
+        self.join(timeout)
+        assert not self.is_alive(), "background call did not finish"
+        if self.error:
+            raise self.error
+        return self.result
+
+
+def test_two_workers_share_one_queue(fabric, stack):
+    model = "shared model/v1.0"  # a name with a space, a slash and dots
+    fabric.worker(model, "--max-concurrency", "1")
+    fabric.worker(model, "--max-concurrency", "1")
+    fabric.wait_workers(stack, model, 2)
+    client = openai_client(stack)
+
+    def one(i):
+        raw = client.chat.completions.with_raw_response.create(
+            model=model, messages=[{"role": "user", "content": f"Count to {i}."}], max_tokens=12,
+            extra_body=LONG)
+        return raw.headers["x-chatfabric-worker"], raw.parse().usage.completion_tokens
+
+    calls = [Background(lambda i=i: one(i)) for i in range(6)]
+    results = [c.value() for c in calls]
+    assert all(tokens == 12 for _, tokens in results)
+    assert len({worker for worker, _ in results}) == 2
+
+
+def test_worker_killed_before_first_token_loses_nothing(fabric, stack, tokenizer):
+    model = "redeliver-model"
+    first = fabric.worker(model, "--max-concurrency", "1")
+    fabric.wait_workers(stack, model, 1)
+    killed_id = next(iter(worker_ids(stack, model)))
+    # A long prompt keeps the first worker in prefill for seconds, before any token.
+    prompt = "The quick brown fox jumps over the lazy dog. " * 700
+    client = openai_client(stack)
+    call = Background(lambda: client.completions.with_raw_response.create(
+        model=model, prompt=prompt, max_tokens=5, extra_body=LONG))
+    wait_for(lambda: (model_entry(stack, model) or {}).get("in_flight") == 1, 30, "the request to be admitted")
+    first.signal(signal.SIGKILL)
+    first.popen.wait()
+    pending, unacked = consumer_state(fabric.nats_url, model)
+    assert unacked == 1, "the killed worker had not acked: the request is still owned by the stream"
+    fabric.worker(model, "--max-concurrency", "1")
+    raw = call.value(timeout=180)
+    resp = raw.parse()
+    assert resp.usage.completion_tokens == 5
+    assert resp.usage.prompt_tokens == len(tokenizer(prompt)["input_ids"])
+    assert raw.headers["x-chatfabric-worker"] != killed_id
+
+
+def test_client_disconnect_cancels_and_frees_the_slot(client, stack):
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Tell me everything about the ocean."}],
+        max_tokens=4000, stream=True, extra_body=LONG)
+    received = 0
+    for chunk in stream:
+        received += 1
+        if received == 3:
+            break
+    assert model_entry(stack, MODEL)["in_flight"] == 1
+    stream.close()
+    # 4000 tokens take minutes; a freed slot within seconds means the generation was cancelled.
+    wait_for(lambda: model_entry(stack, MODEL)["in_flight"] == 0, 20, "the worker slot to be freed")
+
+
+def test_registry_entry_expires_when_worker_dies(fabric, stack):
+    model = "expiry-model"
+    proc = fabric.worker(model)
+    fabric.wait_workers(stack, model, 1)
+    (worker_id,) = worker_ids(stack, model)
+
+    async def has_key(key: str) -> bool:
+        async with connect(BusConfig(url=fabric.nats_url), name="test") as bus:
+            try:
+                await bus.registry.get(key)
+                return True
+            except (KeyNotFoundError, KeyDeletedError):
+                return False
+
+    assert asyncio.run(has_key(worker_id))
+
+    proc.signal(signal.SIGKILL)
+    proc.popen.wait()
+    wait_for(lambda: model_entry(stack, model) is None, 15, "the dead worker to leave /v1/models")
+    wait_for(lambda: not asyncio.run(has_key(worker_id)), 15, "the registry key to expire")
+    with pytest.raises(openai.APIStatusError) as info:
+        openai_client(stack).chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+    assert info.value.status_code == 503
+    assert info.value.response.headers["retry-after"]
+    assert info.value.body["code"] == "model_unavailable"
+
+
+@pytest.fixture
+def small_fabric(model_dir, tmp_path):
+    """A fabric of its own whose queues hold one waiting request per model."""
+    fab = make_fabric(model_dir, tmp_path, CHATFABRIC_QUEUE_LIMIT="1")
+    yield fab
+    fab.close()
+
+
+def test_full_queue_is_429_and_silent_worker_is_504(small_fabric):
+    fab = small_fabric
+    _, base = fab.gateway("--heartbeat-timeout", "2")
+    model = "tiny-queue"
+    worker = fab.worker(model, "--max-concurrency", "1", "--heartbeat-interval", "0.5")
+    fab.wait_workers(base, model, 1)
+    client = openai_client(base)
+    body = {"model": model, "messages": [{"role": "user", "content": "Write a long essay."}],
+            "max_tokens": 3000, **LONG}
+
+    running = client.chat.completions.create(stream=True, model=model, messages=body["messages"],
+                                             max_tokens=3000, extra_body=LONG)
+    next(iter(running))  # the first request has started: its slot is taken, the queue is empty
+    queued = Background(lambda: client.chat.completions.create(
+        model=model, messages=body["messages"], max_tokens=10, extra_body=LONG))
+    wait_for(lambda: consumer_state(fab.nats_url, model)[0] == 1, 10, "the second request to queue")
+
+    req = urllib.request.Request(f"{base}/v1/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=30)
+    assert info.value.code == 429
+    assert info.value.headers["Retry-After"] == "1"
+    assert json.loads(info.value.read())["error"]["code"] == "queue_full"
+
+    # Freeze the worker mid-stream: the gateway must give up after its heartbeat timeout.
+    worker.signal(signal.SIGSTOP)
+    with pytest.raises(openai.APIError) as stream_err:
+        for _ in running:
+            pass
+    assert "stopped responding" in str(stream_err.value)
+    worker.signal(signal.SIGKILL)
+    worker.popen.wait()
+    # The queued request was never started; with its worker gone it waits for another one.
+    fab.worker(model, "--max-concurrency", "1")
+    resp = queued.value(timeout=180)
+    assert resp.usage.completion_tokens == 10 and resp.choices[0].finish_reason == "length"
+
+
+def test_non_stream_request_gets_504_when_worker_freezes(small_fabric):
+    fab = small_fabric
+    _, base = fab.gateway("--heartbeat-timeout", "2")
+    model = "freezer"
+    worker = fab.worker(model, "--max-concurrency", "1", "--heartbeat-interval", "0.5")
+    fab.wait_workers(base, model, 1)
+    client = openai_client(base)
+    call = Background(lambda: client.completions.create(model=model, prompt="Once", max_tokens=3000,
+                                                        extra_body=LONG))
+    wait_for(lambda: (model_entry(base, model) or {}).get("in_flight") == 1
+             and consumer_state(fab.nats_url, model) == (0, 0), 30, "the request to start (acked)")
+    worker.signal(signal.SIGSTOP)
+    with pytest.raises(openai.APIStatusError) as info:
+        call.value(timeout=60)
+    assert info.value.status_code == 504
+    assert info.value.body["code"] == "worker_timeout"
+    worker.signal(signal.SIGKILL)
+
+
+def test_graceful_shutdown_finishes_started_requests(fabric, stack):
+    model = "graceful-model"
+    proc = fabric.worker(model)
+    fabric.wait_workers(stack, model, 1)
+    stream = openai_client(stack).completions.create(
+        model=model, prompt="Once upon a time", max_tokens=40, stream=True, extra_body=LONG,
+        stream_options={"include_usage": True})
+    chunks = iter(stream)
+    next(chunks)
+    proc.signal(signal.SIGTERM)
+    rest = list(chunks)
+    assert rest[-1].usage.completion_tokens == 40
+    assert [c.choices[0].finish_reason for c in rest if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert proc.popen.wait(30) == 0
+    # deregistered on the way out, not left to expire
+    assert model_entry(stack, model) is None
