@@ -1,0 +1,304 @@
+"""Pure pieces against hand-computed values: subject mapping, messages, text streaming,
+sampling, prompt templates, the model cache and the embedded server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from chatfabric.proto import subjects
+from chatfabric.proto.bus import BusConfig, connect
+from chatfabric.proto.embedded import EmbeddedServer, free_port, port_is_free
+from chatfabric.proto.messages import (
+    ChatMessage,
+    GenerationRequest,
+    MessageError,
+    SamplingParams,
+    WorkerCard,
+    decode,
+    decode_chunk,
+    encode,
+)
+from chatfabric.worker import default_model
+from chatfabric.worker.backend import Sampling
+from chatfabric.worker.prompting import PromptBuilder, PromptError, render_llama2, render_vicuna
+from chatfabric.worker.sampling import (
+    apply_presence_frequency,
+    apply_repetition_penalty,
+    process_logits,
+    resolve,
+    sample,
+    top_k_filter,
+    top_p_filter,
+)
+from chatfabric.worker.textstream import IncrementalDetokenizer, StopMatcher
+
+# -- subjects ---------------------------------------------------------------------------------
+
+
+@given(st.text(min_size=1))
+def test_model_token_round_trips_and_is_a_valid_token(name):
+    token = subjects.model_token(name)
+    assert subjects.model_from_token(token) == name
+    assert all(c.isascii() and (c.isalnum() or c in "_-=") for c in token)
+
+
+def test_model_token_examples():
+    assert subjects.model_token("SmolLM2-135M-Instruct") == "SmolLM2-135M-Instruct"
+    assert subjects.model_token("org/m v1.5") == "org=2Fm=20v1=2E5"
+    assert subjects.gen_subject("a.b") == "gen.a=2Eb"
+    assert subjects.model_from_token(subjects.model_token("a=3Db")) == "a=3Db"
+    with pytest.raises(ValueError):
+        subjects.model_from_token("bad.token")
+    with pytest.raises(ValueError):
+        subjects.model_token("")
+
+
+# -- messages ---------------------------------------------------------------------------------
+
+
+def test_request_needs_exactly_one_input():
+    base = dict(request_id="r1", model="m", reply_to="_INBOX.x", deadline=1.0)
+    with pytest.raises(ValueError):
+        GenerationRequest(**base)
+    with pytest.raises(ValueError):
+        GenerationRequest(**base, prompt="a", messages=(ChatMessage(role="user", content="b"),))
+    req = GenerationRequest(**base, prompt=(1, 2, 3))
+    assert decode(GenerationRequest, encode(req)) == req
+
+
+def test_decode_explains_what_is_wrong():
+    with pytest.raises(MessageError, match="sampling.temperature"):
+        decode(GenerationRequest, json.dumps({"request_id": "r", "model": "m", "reply_to": "x", "deadline": 1,
+                                              "prompt": "p", "sampling": {"temperature": 5}}).encode())
+    with pytest.raises(MessageError, match="not valid|Invalid JSON|invalid"):
+        decode(GenerationRequest, b"{nope")
+    with pytest.raises(MessageError, match="v"):
+        decode_chunk(json.dumps({"v": 9, "type": "delta", "request_id": "r", "seq": 0, "worker_id": "w",
+                                 "text": "", "token_count": 0}).encode())
+    with pytest.raises(MessageError, match="type"):
+        decode_chunk(json.dumps({"v": 1, "type": "nope", "request_id": "r", "seq": 0, "worker_id": "w"}).encode())
+
+
+def test_worker_card_liveness():
+    card = WorkerCard(worker_id="w", models=(), backend="hf", device="cpu", capacity=1, in_flight=0,
+                      version="0", host="h", pid=1, started_at=0.0, updated_at=100.0, ttl=5.0)
+    assert card.alive(now=104.0) and not card.alive(now=106.0)
+
+
+def test_bus_config_from_env(monkeypatch):
+    monkeypatch.setenv("CHATFABRIC_ACK_WAIT", "2.5")
+    monkeypatch.setenv("NATS_URL", "nats://example:4222")
+    config = BusConfig.from_env()
+    assert config.ack_wait == 2.5 and config.url == "nats://example:4222"
+    monkeypatch.setenv("CHATFABRIC_QUEUE_LIMIT", "many")
+    with pytest.raises(ValueError, match="CHATFABRIC_QUEUE_LIMIT"):
+        BusConfig.from_env()
+    with pytest.raises(ValueError):
+        BusConfig(ack_wait=0)
+
+
+# -- text streaming ---------------------------------------------------------------------------
+
+
+def feed_all(matcher: StopMatcher, pieces: list[str]) -> list[str]:
+    return [matcher.feed(p) for p in pieces] + [matcher.flush()]
+
+
+def test_stop_matcher_cuts_and_holds_back():
+    m = StopMatcher(["STOP"])
+    assert feed_all(m, ["hello ", "ST", "O", "P more"]) == ["hello ", "", "", "", ""]
+    assert m.stopped
+
+
+def test_stop_matcher_releases_false_alarms():
+    m = StopMatcher(["STOP"])
+    assert feed_all(m, ["a ST", "ART", " end"]) == ["a ", "START", " end", ""]
+    assert not m.stopped
+    m = StopMatcher(["ab", "xyz"])
+    assert feed_all(m, ["x", "y", "ab"]) == ["", "", "xy", ""]  # 'ab' found after 'xy' was held
+    m = StopMatcher(["END"])
+    assert feed_all(m, ["the E"]) == ["the ", "E"]  # flushed at the end of the generation
+
+
+def test_stop_matcher_earliest_stop_wins():
+    assert StopMatcher(["c", "ab"]).feed("xabc") == "x"
+
+
+def test_detokenizer_never_splits_characters(tokenizer):
+    text = "café 🎉 世界 — ünïcödé 🎉🎉 done"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    detok = IncrementalDetokenizer(tokenizer, tokenizer("Hi:", add_special_tokens=False)["input_ids"])
+    deltas = [detok.push(i) for i in ids] + [detok.flush()]
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in d for d in deltas)
+    assert any(d == "" for d in deltas)  # some tokens were held until their character completed
+
+
+# -- sampling ---------------------------------------------------------------------------------
+
+
+def test_repetition_penalty_hand_computed():
+    logits = torch.tensor([2.0, -2.0, 1.0])
+    apply_repetition_penalty(logits, torch.tensor([0, 1]), 2.0)
+    assert logits.tolist() == [1.0, -4.0, 1.0]
+
+
+def test_presence_and_frequency_hand_computed():
+    logits = torch.tensor([1.0, 1.0, 1.0])
+    apply_presence_frequency(logits, torch.tensor([0, 1, 3]), presence=0.5, frequency=0.25)
+    assert logits.tolist() == pytest.approx([1.0, 0.25, -0.25])
+
+
+def test_top_k_and_top_p():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    assert torch.isinf(top_k_filter(logits, 2)).tolist() == [False, False, True, True]
+    assert torch.isinf(top_p_filter(logits, 0.8)).tolist() == [False, False, True, True]
+    assert torch.isinf(top_p_filter(logits, 0.81)).tolist() == [False, False, False, True]
+    assert torch.isinf(top_p_filter(logits, 0.1)).tolist() == [False, True, True, True]
+
+
+def test_min_tokens_masks_stop_tokens_and_bias_applies():
+    s = Sampling(max_tokens=5, temperature=0.0, min_tokens=2, stop_token_ids=frozenset({0}), logit_bias={2: 5.0})
+    logits = torch.tensor([9.0, 1.0, 0.0])
+    out = process_logits(logits.clone(), s, torch.tensor([], dtype=torch.long), torch.zeros(3), generated=0)
+    assert sample(out, s, None) == 2  # token 0 masked, token 2 biased above token 1
+    out = process_logits(logits.clone(), s, torch.tensor([], dtype=torch.long), torch.zeros(3), generated=2)
+    assert sample(out, s, None) == 0
+
+
+def test_seeded_sampling_is_reproducible():
+    s = Sampling(max_tokens=1, temperature=1.0, seed=3)
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    draws = lambda: [sample(logits.clone(), s, g) for g in [torch.Generator().manual_seed(3)] for _ in range(20)]
+    assert draws() == draws()
+
+
+def test_resolve_defaults_and_clamps():
+    s = resolve(SamplingParams(max_tokens=500, stop_token_ids=(7,)), room=100, eos_token_ids=frozenset({2}),
+                defaults={"temperature": 0.6})
+    assert s.max_tokens == 100 and s.temperature == 0.6 and s.top_p == 1.0
+    assert s.stop_token_ids == frozenset({2, 7})
+    s = resolve(SamplingParams(temperature=0, ignore_eos=True, top_k=-1), room=10, eos_token_ids=frozenset({2}),
+                defaults={})
+    assert s.max_tokens == 10 and s.greedy and s.stop_token_ids == frozenset() and s.top_k == 0
+
+
+# -- prompting --------------------------------------------------------------------------------
+
+
+MSGS = (ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Hi"),
+        ChatMessage(role="assistant", content="Hello!"), ChatMessage(role="user", content="Bye"))
+
+
+def test_fallback_templates():
+    assert render_vicuna(MSGS, "<s>", "</s>") == "<s>Be brief. USER: Hi ASSISTANT: Hello!</s>USER: Bye ASSISTANT:"
+    assert render_llama2(MSGS, "<s>", "</s>") == (
+        "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello! </s><s>[INST] Bye [/INST]"
+    )
+
+
+def test_prompt_builder_uses_the_model_template(tokenizer):
+    builder = PromptBuilder(tokenizer)
+    ids = builder.chat_ids(MSGS[1:2])
+    expected = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
+                                             tokenize=False)
+    assert tokenizer.decode(ids) == expected
+    chatml = PromptBuilder(tokenizer, "chatml").chat_ids(MSGS[1:2])
+    assert tokenizer.decode(chatml) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    with pytest.raises(ValueError, match="unknown conversation template"):
+        PromptBuilder(tokenizer, "nope")
+
+
+def test_prompt_builder_without_template_refuses_chat(tokenizer):
+    class NoTemplate:
+        chat_template = None
+
+    with pytest.raises(PromptError, match="--conv-template"):
+        PromptBuilder(NoTemplate()).chat_ids(MSGS)
+
+
+# -- the default model cache ------------------------------------------------------------------
+
+
+def test_model_cache_converts_once_and_redoes_half_written(tmp_path, monkeypatch):
+    conversions = []
+
+    def fake_convert(source: Path, out: Path) -> None:  # the real conversion runs in the session fixture
+        conversions.append(source)
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(default_model, "convert_gguf", fake_convert)
+    target = default_model.ensure_default_model(tmp_path)
+    assert default_model.is_complete(target) and len(conversions) == 1
+    assert default_model.ensure_default_model(tmp_path) == target and len(conversions) == 1
+    # an interrupted run: the folder is there without its marker
+    (target / default_model.MARKER).unlink()
+    (target / "model.safetensors").write_bytes(b"truncated")
+    assert default_model.ensure_default_model(tmp_path) == target
+    assert len(conversions) == 2 and not (target / "model.safetensors").exists()
+
+
+def test_real_default_model_cache_is_complete(model_dir):
+    assert default_model.is_complete(model_dir)
+    assert json.loads((model_dir / "config.json").read_text())["model_type"] == "llama"
+    assert "quantization_config" not in json.loads((model_dir / "config.json").read_text())
+
+
+def test_cache_root_override(monkeypatch, tmp_path):
+    monkeypatch.setenv("CHATFABRIC_MODEL_CACHE", str(tmp_path))
+    assert default_model.cache_root() == tmp_path
+
+
+# -- the embedded server ----------------------------------------------------------------------
+
+
+def test_embedded_server_starts_with_jetstream_and_stops(tmp_path):
+    server = EmbeddedServer(port=free_port(), store_dir=tmp_path / "store").start()
+    try:
+        async def use():
+            async with connect(BusConfig(url=server.url), name="test") as bus:
+                info = await bus.js.account_info()
+                assert bus.nc.max_payload == 8 * 1024 * 1024
+                return info
+
+        assert asyncio.run(use()) is not None
+        assert (tmp_path / "store" / "jetstream").is_dir()
+    finally:
+        server.stop()
+    assert not server.running
+    assert port_is_free("127.0.0.1", server.port)
+
+
+def test_embedded_server_avoids_a_busy_4222():
+    blocker = socket.socket()
+    try:
+        if port_is_free("127.0.0.1", 4222):
+            blocker.bind(("127.0.0.1", 4222))
+            blocker.listen()
+        with EmbeddedServer() as server:
+            assert server.port != 4222
+            assert server.running
+    finally:
+        blocker.close()
+
+
+def test_connect_without_url_embeds_and_cleans_up(monkeypatch):
+    monkeypatch.delenv("NATS_URL", raising=False)
+
+    async def run():
+        async with connect(BusConfig(), name="test") as bus:
+            url = bus.nc.connected_url
+            await bus.js.stream_info(subjects.GEN_STREAM)
+            return url.port
+
+    port = asyncio.run(run())
+    assert port_is_free("127.0.0.1", port)
