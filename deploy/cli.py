@@ -59,7 +59,12 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto: float32 on CPU, bfloat16 (or float16) on CUDA",
     )
-    w.add_argument("--max-concurrency", type=int, default=4, help="requests served at once (default: %(default)s)")
+    w.add_argument("--max-concurrency", type=int, default=16,
+                   help="requests served at once, batched together (default: %(default)s)")
+    w.add_argument("--kv-cache-tokens", type=int,
+                   help="KV cache budget in tokens (default: from free memory); requests that do not fit wait")
+    w.add_argument("--prefill-chunk", type=int, default=512,
+                   help="prompt tokens prefilled per engine step, so long prompts do not stall decoding")
     w.add_argument(
         "--conv-template",
         choices=sorted(TEMPLATES),
@@ -142,7 +147,14 @@ async def load_worker(args):
         heartbeat_interval=args.heartbeat_interval,
         shutdown_grace=args.shutdown_grace,
     )
-    backend = await asyncio.to_thread(HFBackend.load, path, args.device, args.dtype)
+    if args.kv_cache_tokens is not None and args.kv_cache_tokens < 1:
+        raise ValueError("--kv-cache-tokens must be positive")
+    if args.prefill_chunk < 1:
+        raise ValueError("--prefill-chunk must be positive")
+    backend = await asyncio.to_thread(
+        HFBackend.load, path, args.device, args.dtype,
+        max_batch=args.max_concurrency, kv_cache_tokens=args.kv_cache_tokens, prefill_chunk=args.prefill_chunk,
+    )
     prompts = PromptBuilder(backend.tokenizer, args.conv_template)
     if not prompts.can_chat:
         log.warning("%s has no chat template: chat requests will be refused (see --conv-template)", name)

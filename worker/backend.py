@@ -55,6 +55,10 @@ class Backend(Protocol):
     eos_token_ids: frozenset[int]
     tokenizer: object  # a Hugging Face tokenizer: prompts are rendered and decoded with it
     generation_defaults: dict  # the model's own sampling defaults (temperature, top_p, ...)
+    kv_free_tokens: int  # KV cache tokens not reserved by running requests
+
+    # generate raises engine.TooLargeForCache for a request that can never fit, and
+    # engine.KVCacheFull for one that does not fit next to the running ones (retry later).
 
     def generate(self, prompt_ids: list[int], sampling: Sampling) -> AsyncIterator[TokenEvent]: ...
 

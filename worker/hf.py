@@ -1,24 +1,19 @@
-"""The Hugging Face transformers backend (CPU and CUDA).
-
-Every forward pass runs on one dedicated compute thread, so the event loop only moves messages.
-Each sequence keeps its own KV cache; concurrent requests take turns on the compute thread one
-step at a time, so a new request starts without waiting for the others to finish.
-"""
+"""The Hugging Face transformers backend (CPU and CUDA): model loading, device and dtype choice,
+the KV cache budget, and the continuous-batching engine that runs it (`engine.py`)."""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
 import logging
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator
 
 import torch
+from transformers import DynamicCache
 
 from .backend import Sampling, TokenEvent
-from .sampling import make_generator, process_logits, sample
+from .engine import BatchEngine
 
 log = logging.getLogger(__name__)
 
@@ -71,36 +66,67 @@ def eos_ids_of(model, tokenizer) -> frozenset[int]:
     return frozenset(ids)
 
 
-@dataclass
-class _Sequence:
-    prompt_ids: list[int]
-    sampling: Sampling
-    generator: torch.Generator
-    seen: torch.Tensor
-    output_counts: torch.Tensor
-    cache: object = None
-    last_token: int | None = None
-    generated: int = 0
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return 2 * text.num_hidden_layers * heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+def default_kv_budget(config, dtype: torch.dtype, device: str) -> int:
+    """KV tokens that fit in a share of the memory free now: 70% of free GPU memory, or a
+    quarter of the available RAM on CPU (the rest is for activations and everything else)."""
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info()
+        usable = int(free * 0.7)
+    else:
+        usable = available_ram() // 4
+    return max(usable // kv_bytes_per_token(config, dtype), 1024)
+
+
+def available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 1024**3
 
 
 class HFBackend:
+    """Hugging Face transformers behind the continuous-batching engine (`engine.py`)."""
+
     kind = "hf"
 
-    def __init__(self, model, tokenizer, device: str):
+    def __init__(self, model, tokenizer, device: str, *, max_batch: int = 16,
+                 kv_cache_tokens: int | None = None, prefill_chunk: int = 512):
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
         self.context_length = context_length_of(model.config)
         self.eos_token_ids = eos_ids_of(model, tokenizer)
         self.generation_defaults = generation_defaults_of(model)
-        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        if any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=model.config).layers):
+            raise ValueError("models with sliding-window attention are not supported by the transformers "
+                             "backend's batching engine yet")
         # transformers 5.x renamed `past_key_values` to `cache`; accept either release.
         params = inspect.signature(model.forward).parameters
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-compute")
+        budget = kv_cache_tokens or default_kv_budget(model.config, model.dtype, device)
+        self.engine = BatchEngine(
+            model,
+            vocab_size=model.get_output_embeddings().weight.shape[0],
+            device=device,
+            max_batch=max_batch,
+            kv_budget_tokens=budget,
+            prefill_chunk=prefill_chunk,
+            cache_arg="cache" if "cache" in params else "past_key_values",
+        )
+        log.info("KV cache budget: %d tokens, batch up to %d", budget, max_batch)
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "auto", dtype: str = "auto") -> "HFBackend":
+    def load(cls, path: str | Path, device: str = "auto", dtype: str = "auto", **engine_args) -> "HFBackend":
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -111,54 +137,14 @@ class HFBackend:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
         model.to(device).eval()
         log.info("loaded %s on %s as %s", path, device, torch_dtype)
-        return cls(model, tokenizer, device)
+        return cls(model, tokenizer, device, **engine_args)
 
-    async def generate(self, prompt_ids: list[int], sampling: Sampling) -> AsyncIterator[TokenEvent]:
-        seq = _Sequence(
-            prompt_ids=list(prompt_ids),
-            sampling=sampling,
-            generator=make_generator(sampling.seed, self.device),
-            seen=torch.tensor(sorted(set(prompt_ids)), dtype=torch.long, device=self.device),
-            output_counts=torch.zeros(self.vocab_size, dtype=torch.long, device=self.device),
-        )
-        loop = asyncio.get_running_loop()
-        while True:
-            token = await loop.run_in_executor(self._executor, self._step, seq)
-            finish = self._finish_reason(seq, token)
-            yield TokenEvent(token, finish)
-            if finish is not None:
-                return
+    @property
+    def kv_free_tokens(self) -> int:
+        return self.engine.kv_free_tokens
 
-    @staticmethod
-    def _finish_reason(seq: _Sequence, token: int):
-        if token in seq.sampling.stop_token_ids:
-            return "stop"
-        if seq.generated >= seq.sampling.max_tokens:
-            return "length"
-        return None
-
-    @torch.inference_mode()
-    def _step(self, seq: _Sequence) -> int:
-        """One forward pass for one sequence (prefill on the first call); returns the next token."""
-        from transformers import DynamicCache
-
-        if seq.cache is None:
-            seq.cache = DynamicCache(config=self.model.config)
-            input_ids = torch.tensor([seq.prompt_ids], device=self.device)
-        else:
-            input_ids = torch.tensor([[seq.last_token]], device=self.device)
-        out = self.model(
-            input_ids=input_ids, use_cache=True, logits_to_keep=1, **{self._cache_arg: seq.cache}
-        )
-        logits = out.logits[0, -1].float()
-        logits = process_logits(logits, seq.sampling, seq.seen, seq.output_counts, seq.generated)
-        token = sample(logits, seq.sampling, seq.generator)
-        seq.generated += 1
-        seq.last_token = token
-        seq.output_counts[token] += 1
-        if seq.sampling.repetition_penalty != 1.0:
-            seq.seen = torch.unique(torch.cat([seq.seen, seq.output_counts.new_tensor([token])]))
-        return token
+    def generate(self, prompt_ids: list[int], sampling: Sampling) -> AsyncIterator[TokenEvent]:
+        return self.engine.generate(prompt_ids, sampling)
 
     async def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        await asyncio.to_thread(self.engine.close)

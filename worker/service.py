@@ -41,6 +41,7 @@ from ..proto.messages import (
     encode,
 )
 from .backend import Backend
+from .engine import KVCacheFull, TooLargeForCache
 from .prompting import PromptBuilder, PromptError
 from .sampling import resolve
 from .textstream import IncrementalDetokenizer, StopMatcher
@@ -65,7 +66,7 @@ def new_worker_id() -> str:
 @dataclass(frozen=True)
 class WorkerConfig:
     model_name: str
-    max_concurrency: int = 4
+    max_concurrency: int = 16
     heartbeat_interval: float = 1.0  # token-plane heartbeats and in_progress while prefilling
     shutdown_grace: float = 30.0  # seconds started requests get to finish on shutdown
     worker_id: str = field(default_factory=new_worker_id)
@@ -116,6 +117,7 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self._card_changed = asyncio.Event()
         self._draining = False
+        self._kv_blocked = False  # a request did not fit the KV cache: pull again once one leaves
 
     @property
     def in_flight(self) -> int:
@@ -149,9 +151,10 @@ class Worker:
         try:
             while not stop.is_set():
                 free = self.config.max_concurrency - self.in_flight
-                if free <= 0:
+                if free <= 0 or self._kv_blocked:
                     self._slot_freed.clear()
                     await _wait_any(self._slot_freed, stop)
+                    self._kv_blocked = False
                     continue
                 try:
                     msgs = await psub.fetch(free, timeout=1.0)
@@ -214,7 +217,11 @@ class Worker:
                 return
             await reply.send(HeartbeatChunk, started=False)
             await self._generate(msg, request, reply)
-        except PromptError as err:
+        except KVCacheFull:
+            # Fits the budget, not next to what runs now: back to JetStream, for us or a peer.
+            self._kv_blocked = True
+            await msg.nak(delay=0.5)
+        except (PromptError, TooLargeForCache) as err:
             await msg.term()
             await reply.error(
                 "context_length_exceeded" if isinstance(err, ContextTooLong) else "invalid_request",

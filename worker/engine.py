@@ -1,0 +1,311 @@
+"""Continuous batching for Hugging Face causal LMs (CPU and CUDA).
+
+One engine thread runs the model; the event loop only moves messages. Each iteration of the
+engine (`_step`) does three things, in the manner of nano-vllm's scheduler:
+
+1. admit: take newly submitted sequences and drop aborted ones (their slot frees at once);
+2. prefill: run up to `prefill_chunk` prompt tokens of waiting sequences, each with its own KV
+   cache; a long prompt takes several iterations, so it never stalls the others' decoding;
+   a sequence whose prompt is done samples its first token and joins the running batch;
+3. decode: one forward pass over every running sequence, one token each.
+
+The running batch shares one left-padded KV cache: row r holds `pad[r]` padding columns, then
+the sequence. A joining sequence is padded to the batch length (or the batch to its length);
+a leaving one is dropped and the columns every row pads are trimmed. Sampling is per sequence
+(`sampling.py`), with each request's own seeded generator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+import torch
+
+from .backend import Sampling, TokenEvent
+from .sampling import make_generator, process_logits, sample
+
+log = logging.getLogger(__name__)
+
+
+class KVCacheFull(Exception):
+    """The request fits the KV cache budget, but not next to what is running now: retry later."""
+
+
+class TooLargeForCache(ValueError):
+    """The request alone needs more KV cache than the engine's whole budget."""
+
+
+@dataclass(eq=False)
+class _Seq:
+    prompt_ids: list[int]
+    sampling: Sampling
+    generator: torch.Generator
+    seen: torch.Tensor  # token ids seen so far (for the repetition penalty)
+    output_counts: torch.Tensor  # per-vocabulary count of generated tokens
+    emit: Callable[[object], None]  # thread-safe: hands a TokenEvent or an exception to the caller
+    reserved: int  # KV tokens reserved for this sequence (prompt + max_tokens)
+    cache: object = None  # own cache while prefilling
+    prefilled: int = 0
+    generated: int = 0
+    last_token: int = -1
+    aborted: bool = False
+
+    @property
+    def length(self) -> int:
+        """Tokens in the KV cache once the last sampled token is fed back."""
+        return len(self.prompt_ids) + self.generated
+
+
+@dataclass
+class _Batch:
+    """The running sequences and their shared left-padded cache (a transformers DynamicCache whose
+    layers' keys and values, [batch, heads, width, head_dim], are re-laid on join and leave)."""
+
+    seqs: list[_Seq] = field(default_factory=list)
+    pads: list[int] = field(default_factory=list)
+    cache: object = None
+
+    @property
+    def width(self) -> int:
+        return self.cache.layers[0].keys.shape[2] if self.cache is not None else 0
+
+    def relayout(self, fn) -> None:
+        """Replace every layer's keys and values by fn(keys) and fn(values)."""
+        for layer in self.cache.layers:
+            layer.keys, layer.values = fn(layer.keys), fn(layer.values)
+
+
+class BatchEngine:
+    """The engine behind the transformers backend; see the module docstring."""
+
+    def __init__(
+        self,
+        model,
+        vocab_size: int,
+        device: str,
+        *,
+        max_batch: int,
+        kv_budget_tokens: int,
+        prefill_chunk: int = 512,
+        cache_arg: str = "past_key_values",
+    ):
+        if max_batch < 1 or kv_budget_tokens < 1 or prefill_chunk < 1:
+            raise ValueError("max_batch, kv_budget_tokens and prefill_chunk must be positive")
+        self.model = model
+        self.vocab_size = vocab_size
+        self.device = device
+        self.max_batch = max_batch
+        self.kv_budget_tokens = kv_budget_tokens
+        self.prefill_chunk = prefill_chunk
+        self._cache_arg = cache_arg
+        self._cond = threading.Condition()
+        self._incoming: list[_Seq] = []
+        self._prefilling: deque[_Seq] = deque()
+        self._batch = _Batch()
+        self._reserved = 0
+        self._closed = False
+        self.steps = 0  # decode iterations run (for tests and metrics)
+        self.max_running = 0  # the most sequences ever decoded in one forward pass
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    # -- the event-loop side -----------------------------------------------------------------
+
+    @property
+    def kv_free_tokens(self) -> int:
+        return self.kv_budget_tokens - self._reserved
+
+    async def generate(self, prompt_ids: list[int], sampling: Sampling) -> AsyncIterator[TokenEvent]:
+        need = len(prompt_ids) + sampling.max_tokens
+        if need > self.kv_budget_tokens:
+            raise TooLargeForCache(
+                f"this request needs {need} tokens of KV cache (prompt {len(prompt_ids)} + max_tokens "
+                f"{sampling.max_tokens}); the worker's budget is {self.kv_budget_tokens}: lower max_tokens"
+            )
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        seq = _Seq(
+            prompt_ids=list(prompt_ids),
+            sampling=sampling,
+            generator=make_generator(sampling.seed, self.device),
+            seen=torch.tensor(sorted(set(prompt_ids)), dtype=torch.long, device=self.device),
+            output_counts=torch.zeros(self.vocab_size, dtype=torch.long, device=self.device),
+            emit=lambda item: loop.call_soon_threadsafe(events.put_nowait, item),
+            reserved=need,
+        )
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            if need > self.kv_free_tokens:
+                raise KVCacheFull(f"{need} tokens needed, {self.kv_free_tokens} free")
+            self._reserved += need
+            self._incoming.append(seq)
+            self._cond.notify()
+        finished = False
+        try:
+            while True:
+                item = await events.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                seq.aborted = True  # the engine thread drops it at its next iteration
+                with self._cond:
+                    self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    # -- the engine thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._closed or self._incoming or self._prefilling or self._batch.seqs):
+                    self._cond.wait()
+                if self._closed:
+                    return
+                self._prefilling.extend(self._incoming)
+                self._incoming.clear()
+            try:
+                self._step()
+            except Exception as err:  # a failed forward pass fails its requests, not the worker
+                log.exception("engine step failed")
+                self._fail_all(err)
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        self._drop_aborted()
+        self._prefill()
+        if self._batch.seqs:
+            self._decode()
+
+    def _release(self, seq: _Seq) -> None:
+        with self._cond:
+            self._reserved -= seq.reserved
+
+    def _drop_aborted(self) -> None:
+        for seq in [s for s in self._prefilling if s.aborted]:
+            self._prefilling.remove(seq)
+            self._release(seq)
+        gone = [i for i, s in enumerate(self._batch.seqs) if s.aborted]
+        if gone:
+            self._leave(gone)
+
+    def _fail_all(self, err: Exception) -> None:
+        for seq in [*self._prefilling, *self._batch.seqs]:
+            seq.emit(err)
+            self._release(seq)
+        self._prefilling.clear()
+        self._batch = _Batch()
+
+    def _forward(self, input_ids: torch.Tensor, cache, **kwargs) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{self._cache_arg: cache}, **kwargs)
+        return out.logits[:, -1].float()
+
+    def _prefill(self) -> None:
+        """Up to `prefill_chunk` prompt tokens, oldest request first; room permitting, the
+        finished ones join the batch."""
+        from transformers import DynamicCache
+
+        budget = self.prefill_chunk
+        while self._prefilling and budget > 0 and len(self._batch.seqs) < self.max_batch:
+            seq = self._prefilling[0]
+            if seq.cache is None:
+                seq.cache = DynamicCache(config=self.model.config)
+            chunk = seq.prompt_ids[seq.prefilled : seq.prefilled + budget]
+            logits = self._forward(torch.tensor([chunk], device=self.device), seq.cache)
+            seq.prefilled += len(chunk)
+            budget -= len(chunk)
+            if seq.prefilled < len(seq.prompt_ids):
+                return  # more of this prompt next iteration; let the batch decode meanwhile
+            self._prefilling.popleft()
+            if self._sample_and_emit(seq, logits[0]):
+                self._release(seq)
+            else:
+                self._join(seq)
+
+    def _sample_and_emit(self, seq: _Seq, logits: torch.Tensor) -> bool:
+        """Sample seq's next token, hand it over; True when the sequence is finished."""
+        logits = process_logits(logits, seq.sampling, seq.seen, seq.output_counts, seq.generated)
+        token = sample(logits, seq.sampling, seq.generator)
+        seq.generated += 1
+        seq.last_token = token
+        seq.output_counts[token] += 1
+        if seq.sampling.repetition_penalty != 1.0:
+            seq.seen = torch.unique(torch.cat([seq.seen, seq.seen.new_tensor([token])]))
+        finish = None
+        if token in seq.sampling.stop_token_ids:
+            finish = "stop"
+        elif seq.generated >= seq.sampling.max_tokens:
+            finish = "length"
+        seq.emit(TokenEvent(token, finish))
+        return finish is not None
+
+    def _join(self, seq: _Seq) -> None:
+        """Add a prefilled sequence to the running batch, left-padding whichever is shorter."""
+        batch, own = self._batch, seq.cache
+        seq.cache = None
+        own_len = own.layers[0].keys.shape[2]
+        if not batch.seqs:
+            self._batch = _Batch(seqs=[seq], pads=[0], cache=own)
+            self.max_running = max(self.max_running, 1)
+            return
+        width = batch.width
+        target = max(own_len, width)
+        if target > width:
+            batch.relayout(lambda t: _pad_left(t, target - width))
+            batch.pads = [p + target - width for p in batch.pads]
+        for mine, theirs in zip(batch.cache.layers, own.layers):
+            mine.keys = torch.cat([mine.keys, _pad_left(theirs.keys, target - own_len)])
+            mine.values = torch.cat([mine.values, _pad_left(theirs.values, target - own_len)])
+        batch.seqs.append(seq)
+        batch.pads.append(target - own_len)
+        self.max_running = max(self.max_running, len(batch.seqs))
+
+    def _leave(self, rows: list[int]) -> None:
+        batch = self._batch
+        gone = set(rows)
+        for row in gone:
+            self._release(batch.seqs[row])
+        keep = [i for i in range(len(batch.seqs)) if i not in gone]
+        if not keep:
+            self._batch = _Batch()
+            return
+        trim = min(batch.pads[i] for i in keep)
+        index = torch.tensor(keep, device=self.device)
+        batch.relayout(lambda t: t.index_select(0, index)[:, :, trim:])
+        batch.seqs = [batch.seqs[i] for i in keep]
+        batch.pads = [batch.pads[i] - trim for i in keep]
+
+    def _decode(self) -> None:
+        batch = self._batch
+        width = batch.width
+        pads = torch.tensor(batch.pads, device=self.device)
+        columns = torch.arange(width + 1, device=self.device)
+        attention_mask = (columns[None, :] >= pads[:, None]).long()
+        position_ids = (width - pads)[:, None]
+        input_ids = torch.tensor([[s.last_token] for s in batch.seqs], device=self.device)
+        logits = self._forward(input_ids, batch.cache, attention_mask=attention_mask, position_ids=position_ids)
+        self.steps += 1
+        done = [row for row, seq in enumerate(batch.seqs) if self._sample_and_emit(seq, logits[row])]
+        if done:
+            self._leave(done)
+
+
+def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
+    if n == 0:
+        return t
+    return torch.cat([t.new_zeros(t.shape[0], t.shape[1], n, t.shape[3]), t], dim=2)
