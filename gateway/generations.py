@@ -130,7 +130,7 @@ class Generations:
         """Chunks of one request in order. Before the first token only the deadline counts (a
         dead worker's request is redelivered); after it, heartbeat silence fails the request."""
         worker: str | None = None  # the worker that produced the first token
-        expected: dict[str, int] = {}
+        expected: dict[tuple[str, int], int] = {}  # next seq per (worker, delivery attempt)
         deadline = started_at + self.request_timeout
         while True:
             wait = deadline - time.monotonic()
@@ -153,14 +153,14 @@ class Generations:
                 ) from None
             if worker is not None and chunk.worker_id != worker:
                 continue  # a late duplicate from a worker that lost the request
-            if chunk.seq != expected.get(chunk.worker_id, 0):
+            source = (chunk.worker_id, chunk.attempt)
+            if chunk.seq != expected.get(source, 0):
                 raise APIError(
                     502,
-                    f"Lost part of the token stream (expected chunk {expected.get(chunk.worker_id, 0)}, "
-                    f"got {chunk.seq}).",
+                    f"Lost part of the token stream (expected chunk {expected.get(source, 0)}, got {chunk.seq}).",
                     code="stream_gap",
                 )
-            expected[chunk.worker_id] = chunk.seq + 1
+            expected[source] = chunk.seq + 1
             if isinstance(chunk, HeartbeatChunk):
                 if chunk.started and worker is None:
                     worker = chunk.worker_id

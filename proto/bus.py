@@ -39,7 +39,7 @@ class BusConfig:
     url: str | None = None
     store_dir: Path | None = None
     ack_wait: float = 30.0  # seconds a pulled, unstarted request stays un-acked before redelivery
-    max_deliver: int = 5
+    max_deliver: int = -1  # unlimited: a request is redelivered until its deadline passes
     queue_limit: int = 256  # requests waiting per model before the gateway answers 429
     registry_ttl: float = 10.0  # seconds a worker card lives without a refresh
     request_max_age: float = 3600.0
@@ -48,8 +48,10 @@ class BusConfig:
         for name in ("ack_wait", "registry_ttl", "request_max_age"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.queue_limit < 1 or self.max_deliver < 1:
-            raise ValueError("queue_limit and max_deliver must be at least 1")
+        if self.queue_limit < 1:
+            raise ValueError("queue_limit must be at least 1")
+        if self.max_deliver == 0 or self.max_deliver < -1:
+            raise ValueError("max_deliver must be -1 (unlimited) or at least 1")
 
     @classmethod
     def from_env(cls, **overrides) -> "BusConfig":

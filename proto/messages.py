@@ -89,9 +89,13 @@ class Usage(BaseModel):
 
 
 class _Chunk(_Message):
+    """`seq` counts 0, 1, 2, ... within one delivery `attempt` of the request to one worker: a
+    request handed back to JetStream and delivered again starts a new count."""
+
     request_id: str
     seq: int = Field(ge=0)
     worker_id: str
+    attempt: int = Field(default=1, ge=1)
 
 
 class DeltaChunk(_Chunk):

@@ -234,3 +234,18 @@ def test_graceful_shutdown_finishes_started_requests(fabric, stack):
     assert proc.popen.wait(30) == 0
     # deregistered on the way out, not left to expire
     assert model_entry(stack, model) is None
+
+
+def test_requests_beyond_the_kv_budget_wait_in_the_stream(fabric, stack):
+    model = "small-cache"
+    fabric.worker(model, "--kv-cache-tokens", "250", "--max-concurrency", "4")
+    fabric.wait_workers(stack, model, 1)
+    client = openai_client(stack)
+    ask = lambda i: client.chat.completions.create(  # noqa: E731  ~40 prompt + 100 = ~140 KV tokens each
+        model=model, messages=[{"role": "user", "content": f"Say {i}."}], max_tokens=100, extra_body=LONG)
+    calls = [Background(lambda i=i: ask(i)) for i in range(4)]
+    assert [c.value(timeout=240).usage.completion_tokens for c in calls] == [100] * 4
+    # a request that can never fit is refused, not left waiting
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=400)
+    assert "KV cache" in info.value.message

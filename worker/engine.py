@@ -135,7 +135,7 @@ class BatchEngine:
             generator=make_generator(sampling.seed, self.device),
             seen=torch.tensor(sorted(set(prompt_ids)), dtype=torch.long, device=self.device),
             output_counts=torch.zeros(self.vocab_size, dtype=torch.long, device=self.device),
-            emit=lambda item: loop.call_soon_threadsafe(events.put_nowait, item),
+            emit=_mailbox(loop, events),
             reserved=need,
         )
         with self._cond:
@@ -251,7 +251,8 @@ class BatchEngine:
             finish = "stop"
         elif seq.generated >= seq.sampling.max_tokens:
             finish = "length"
-        seq.emit(TokenEvent(token, finish))
+        if not seq.aborted:
+            seq.emit(TokenEvent(token, finish))
         return finish is not None
 
     def _join(self, seq: _Seq) -> None:
@@ -303,6 +304,19 @@ class BatchEngine:
         done = [row for row, seq in enumerate(batch.seqs) if self._sample_and_emit(seq, logits[row])]
         if done:
             self._leave(done)
+
+
+def _mailbox(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Callable[[object], None]:
+    """A thread-safe put into an event loop's queue that is a no-op once that loop has closed."""
+
+    def put(item: object) -> None:
+        if not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # closed between the check and the call
+                pass
+
+    return put
 
 
 def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:

@@ -83,18 +83,19 @@ class WorkerConfig:
 class _Reply:
     """Publishes one request's chunks, numbered, to its reply inbox."""
 
-    def __init__(self, bus: Bus, request_id: str, reply_to: str, worker_id: str):
+    def __init__(self, bus: Bus, request_id: str, reply_to: str, worker_id: str, attempt: int = 1):
         self._bus = bus
         self.request_id = request_id
         self.reply_to = reply_to
         self.worker_id = worker_id
+        self.attempt = attempt
         self.seq = 0
         self.last_sent = time.monotonic()
         self.started = False
 
     async def send(self, chunk_type, **fields) -> None:
         chunk = chunk_type(
-            request_id=self.request_id, seq=self.seq, worker_id=self.worker_id, **fields
+            request_id=self.request_id, seq=self.seq, worker_id=self.worker_id, attempt=self.attempt, **fields
         )
         self.seq += 1
         self.last_sent = time.monotonic()
@@ -117,7 +118,9 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self._card_changed = asyncio.Event()
         self._draining = False
-        self._kv_blocked = False  # a request did not fit the KV cache: pull again once one leaves
+        # After a request did not fit the KV cache: the free tokens then. Pulling resumes once
+        # more than that is free (a running request finished).
+        self._kv_blocked_at: int | None = None
 
     @property
     def in_flight(self) -> int:
@@ -151,10 +154,9 @@ class Worker:
         try:
             while not stop.is_set():
                 free = self.config.max_concurrency - self.in_flight
-                if free <= 0 or self._kv_blocked:
+                if free <= 0 or self._kv_blocked():
                     self._slot_freed.clear()
                     await _wait_any(self._slot_freed, stop)
-                    self._kv_blocked = False
                     continue
                 try:
                     msgs = await psub.fetch(free, timeout=1.0)
@@ -182,11 +184,16 @@ class Worker:
         if request.request_id in self._tasks:  # a redelivery of what we already serve
             return
         self._replies[request.request_id] = _Reply(
-            self.bus, request.request_id, request.reply_to, self.config.worker_id
+            self.bus, request.request_id, request.reply_to, self.config.worker_id, msg.metadata.num_delivered
         )
         task = asyncio.create_task(self._serve(msg, request), name=request.request_id)
         self._tasks[request.request_id] = task
         self._card_changed.set()
+
+    def _kv_blocked(self) -> bool:
+        if self._kv_blocked_at is not None and self.backend.kv_free_tokens > self._kv_blocked_at:
+            self._kv_blocked_at = None
+        return self._kv_blocked_at is not None
 
     async def _reject_malformed(self, msg: Msg, reason: str) -> None:
         """Answer a request that failed validation on its reply inbox, if it names one."""
@@ -219,7 +226,7 @@ class Worker:
             await self._generate(msg, request, reply)
         except KVCacheFull:
             # Fits the budget, not next to what runs now: back to JetStream, for us or a peer.
-            self._kv_blocked = True
+            self._kv_blocked_at = self.backend.kv_free_tokens
             await msg.nak(delay=0.5)
         except (PromptError, TooLargeForCache) as err:
             await msg.term()

@@ -1,0 +1,172 @@
+"""The continuous-batching engine on the real model: batched output equals solo output,
+per-request sampling inside one batch, cancellation frees the slot, the KV budget holds,
+chunked prefill changes nothing but latency."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from chatfabric.proto.messages import ChatMessage, SamplingParams
+from chatfabric.worker.engine import BatchEngine, KVCacheFull, TooLargeForCache
+from chatfabric.worker.hf import HFBackend
+from chatfabric.worker.prompting import PromptBuilder
+from chatfabric.worker.sampling import resolve
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a poem about the sea.",
+    "Explain gravity in one sentence.",
+    "List three fruits.",
+    "hi",
+    "Tell me a story about a dragon and a knight who become friends.",
+]
+
+
+@pytest.fixture(scope="module")
+def backend(model_dir):
+    b = HFBackend.load(model_dir, "cpu", "float32", max_batch=8, kv_cache_tokens=20_000)
+    yield b
+    b.engine.close()
+
+
+@pytest.fixture(scope="module")
+def prompts(backend):
+    builder = PromptBuilder(backend.tokenizer)
+    return [builder.chat_ids([ChatMessage(role="user", content=q)]) for q in QUESTIONS]
+
+
+def engine_like(backend, **overrides) -> BatchEngine:
+    args = dict(vocab_size=backend.engine.vocab_size, device="cpu", max_batch=8, kv_budget_tokens=20_000,
+                cache_arg=backend.engine._cache_arg)
+    return BatchEngine(backend.model, **{**args, **overrides})
+
+
+def sampling(backend, **params):
+    return resolve(SamplingParams(**params), room=4000, eos_token_ids=backend.eos_token_ids, defaults={})
+
+
+async def tokens(engine, ids, s, delay=0.0):
+    await asyncio.sleep(delay)
+    return [event.token_id async for event in engine.generate(ids, s)]
+
+
+def test_batched_greedy_equals_solo(backend, prompts):
+    engine = backend.engine
+    s = sampling(backend, temperature=0, max_tokens=24, ignore_eos=True)
+
+    async def run():
+        solo = [await tokens(engine, p, s) for p in prompts]
+        # staggered arrivals: each request joins a batch that is already decoding
+        together = await asyncio.gather(*[tokens(engine, p, s, delay=0.15 * i) for i, p in enumerate(prompts)])
+        return solo, together
+
+    solo, together = asyncio.run(run())
+    assert together == solo
+    assert engine.max_running >= 3
+
+
+def test_per_request_sampling_inside_one_batch(backend, prompts):
+    engine = backend.engine
+    configs = [
+        sampling(backend, temperature=0.9, top_p=0.9, seed=11, max_tokens=16, ignore_eos=True),
+        sampling(backend, temperature=1.2, top_k=20, seed=12, max_tokens=16, ignore_eos=True),
+        sampling(backend, temperature=0, repetition_penalty=1.3, max_tokens=16, ignore_eos=True),
+        sampling(backend, temperature=0.7, presence_penalty=1.5, frequency_penalty=0.5, seed=13, max_tokens=16,
+                 ignore_eos=True),
+    ]
+
+    async def run():
+        solo = [await tokens(engine, p, s) for p, s in zip(prompts, configs)]
+        together = await asyncio.gather(*[tokens(engine, p, s) for p, s in zip(prompts, configs)])
+        return solo, together
+
+    solo, together = asyncio.run(run())
+    assert together == solo
+
+
+def test_stop_tokens_and_max_tokens_end_sequences(backend, prompts):
+    async def run():
+        events = [e async for e in backend.engine.generate(prompts[0], sampling(backend, temperature=0, max_tokens=50))]
+        return events
+
+    events = asyncio.run(run())
+    assert events[-1].finish_reason == "stop" and events[-1].token_id in backend.eos_token_ids
+    assert all(e.finish_reason is None for e in events[:-1])
+
+
+def test_cancellation_frees_the_slot_and_the_budget(backend, prompts):
+    engine = backend.engine
+
+    async def run():
+        full = engine.kv_free_tokens
+        gen = engine.generate(prompts[1], sampling(backend, temperature=0, max_tokens=3000, ignore_eos=True))
+        other = asyncio.create_task(tokens(engine, prompts[2], sampling(backend, temperature=0, max_tokens=12,
+                                                                        ignore_eos=True)))
+        got = [await gen.__anext__() for _ in range(3)]
+        assert engine.kv_free_tokens < full
+        await gen.aclose()  # what a cancelled request does
+        finished = await asyncio.wait_for(other, timeout=120)
+        for _ in range(100):
+            if engine.kv_free_tokens == full and not engine._batch.seqs:
+                break
+            await asyncio.sleep(0.05)
+        return got, finished, full
+
+    got, finished, full = asyncio.run(run())
+    assert len(got) == 3 and len(finished) == 12
+    assert engine.kv_free_tokens == full
+    assert engine._batch.seqs == []
+
+
+def test_kv_budget_is_respected(backend, prompts):
+    engine = engine_like(backend, kv_budget_tokens=200)
+    try:
+        s = sampling(backend, temperature=0, max_tokens=60, ignore_eos=True)  # ~40 prompt + 60 = ~100 tokens
+
+        async def run():
+            first = engine.generate(prompts[0], s)
+            await first.__anext__()
+            second = engine.generate(prompts[2], s)
+            await second.__anext__()
+            with pytest.raises(KVCacheFull):
+                await engine.generate(prompts[3], s).__anext__()
+            with pytest.raises(TooLargeForCache, match="lower max_tokens"):
+                await engine.generate(prompts[0], sampling(backend, temperature=0, max_tokens=500)).__anext__()
+            await first.aclose()
+            await second.aclose()
+
+        asyncio.run(run())
+    finally:
+        engine.close()
+
+
+def test_chunked_prefill_matches_and_lets_others_decode(backend, prompts):
+    long_prompt = backend.tokenizer("The history of the Roman Empire. " * 120)["input_ids"]
+    assert len(long_prompt) > 700
+    s = sampling(backend, temperature=0, max_tokens=8, ignore_eos=True)
+    whole = asyncio.run(tokens(backend.engine, long_prompt, s))
+    engine = engine_like(backend, prefill_chunk=64)
+    try:
+        async def run():
+            finished_order = []
+
+            async def tracked(name, ids, samp):
+                out = await tokens(engine, ids, samp)
+                finished_order.append(name)
+                return out
+
+            short = asyncio.create_task(tracked("short", prompts[4], sampling(backend, temperature=0, max_tokens=6,
+                                                                               ignore_eos=True)))
+            await asyncio.sleep(0.3)  # the short request is decoding when the long prompt arrives
+            chunked = await tracked("long", long_prompt, s)
+            await short
+            return chunked, finished_order
+
+        chunked, order = asyncio.run(run())
+    finally:
+        engine.close()
+    assert chunked == whole
+    assert order == ["short", "long"]
