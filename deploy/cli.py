@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
+import json
 import logging
 import os
 import signal
@@ -50,6 +50,10 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     from ..worker.prompting import TEMPLATES
 
     w = p.add_argument_group("worker")
+    w.add_argument("--backend", choices=["hf", "vllm", "synthetic"], default="hf",
+                   help="hf: Hugging Face transformers with continuous batching; vllm: vLLM's async engine "
+                   "(extra [vllm]); synthetic: streams max_tokens tokens without a model, to measure the "
+                   "fabric's own overhead")
     w.add_argument("--model-path", help="a transformers model folder (default: SmolLM2-135M-Instruct, built in)")
     w.add_argument("--model-name", help="name clients use in 'model' (default: the folder's name)")
     w.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
@@ -65,6 +69,12 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache budget in tokens (default: from free memory); requests that do not fit wait")
     w.add_argument("--prefill-chunk", type=int, default=512,
                    help="prompt tokens prefilled per engine step, so long prompts do not stall decoding")
+    v = p.add_argument_group("vllm backend")
+    v.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs to shard the model over")
+    v.add_argument("--gpu-memory-utilization", type=float, help="share of GPU memory vLLM may use")
+    v.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    v.add_argument("--vllm-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other vLLM engine argument, e.g. --vllm-arg enforce_eager=true (repeatable)")
     w.add_argument(
         "--conv-template",
         choices=sorted(TEMPLATES),
@@ -107,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Pull requests for one model from the fabric and generate.")
     add_worker_args(wk)
     add_common_args(wk, embedded=False)
+
+    from ..bench.cli import add_bench_args
+
+    bn = sub.add_parser("bench", help="benchmark an OpenAI-compatible endpoint",
+                        description="Measure TTFT, TPOT, inter-token latency, end-to-end latency and "
+                        "throughput of any OpenAI-compatible server (chatfabric, vLLM, FastChat).")
+    add_bench_args(bn)
+    bn.add_argument("--log-level", default="WARNING")
     return parser
 
 
@@ -151,14 +169,43 @@ async def load_worker(args):
         raise ValueError("--kv-cache-tokens must be positive")
     if args.prefill_chunk < 1:
         raise ValueError("--prefill-chunk must be positive")
-    backend = await asyncio.to_thread(
-        HFBackend.load, path, args.device, args.dtype,
-        max_batch=args.max_concurrency, kv_cache_tokens=args.kv_cache_tokens, prefill_chunk=args.prefill_chunk,
-    )
+    if args.backend == "vllm":
+        from ..worker.vllm_backend import VLLMBackend
+
+        backend = await asyncio.to_thread(
+            VLLMBackend.load, path, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
+            max_model_len=args.max_model_len, max_num_seqs=args.max_concurrency,
+            gpu_memory_utilization=args.gpu_memory_utilization, extra=parse_vllm_args(args.vllm_arg),
+        )
+    elif args.backend == "synthetic":
+        from transformers import AutoTokenizer
+
+        from ..worker.synthetic import SyntheticBackend
+
+        backend = SyntheticBackend(await asyncio.to_thread(AutoTokenizer.from_pretrained, str(path)))
+    else:
+        backend = await asyncio.to_thread(
+            HFBackend.load, path, args.device, args.dtype,
+            max_batch=args.max_concurrency, kv_cache_tokens=args.kv_cache_tokens, prefill_chunk=args.prefill_chunk,
+        )
     prompts = PromptBuilder(backend.tokenizer, args.conv_template)
     if not prompts.can_chat:
         log.warning("%s has no chat template: chat requests will be refused (see --conv-template)", name)
     return backend, prompts, config
+
+
+def parse_vllm_args(items: list[str]) -> dict:
+    """KEY=VALUE pairs; values that read as JSON (numbers, true/false) are converted."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--vllm-arg expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.replace("-", "_")] = json.loads(raw)
+        except ValueError:
+            out[key.replace("-", "_")] = raw
+    return out
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -232,6 +279,14 @@ async def _main(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        from ..bench.cli import main as bench_main
+
+        try:
+            return bench_main(args)
+        except ValueError as err:
+            print(f"chatfabric bench: error: {err}", file=sys.stderr)
+            return 2
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
