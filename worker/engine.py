@@ -4,9 +4,9 @@ One engine thread runs the model; the event loop only moves messages. Each itera
 engine (`_step`) does three things, in the manner of nano-vllm's scheduler:
 
 1. admit: take newly submitted sequences and drop aborted ones (their slot frees at once);
-2. prefill: run up to `prefill_chunk` prompt tokens of waiting sequences, each with its own KV
-   cache; a long prompt takes several iterations, so it never stalls the others' decoding;
-   a sequence whose prompt is done samples its first token and joins the running batch;
+2. prefill: run up to `prefill_chunk` prompt tokens of waiting sequences: short prompts together
+   in one left-padded pass, a long prompt alone over several iterations, so it never stalls the
+   others' decoding; a sequence whose prompt is done samples its first token and joins the batch;
 3. decode: one forward pass over every running sequence, one token each.
 
 The running batch shares one left-padded KV cache: row r holds `pad[r]` padding columns, then
@@ -216,26 +216,69 @@ class BatchEngine:
         return out.logits[:, -1].float()
 
     def _prefill(self) -> None:
-        """Up to `prefill_chunk` prompt tokens, oldest request first; room permitting, the
-        finished ones join the batch."""
+        """Up to `prefill_chunk` prompt tokens this iteration, oldest request first. Prompts that
+        fit whole are prefilled together in one left-padded forward pass; a longer one is
+        prefilled alone, a chunk per iteration, so the running batch keeps decoding meanwhile."""
+        room = self.max_batch - len(self._batch.seqs)
+        if not self._prefilling or room <= 0:
+            return
+        head = self._prefilling[0]
+        if head.prefilled or len(head.prompt_ids) > self.prefill_chunk:
+            self._prefill_chunk(head)
+            return
+        group, budget = [], self.prefill_chunk
+        for seq in self._prefilling:
+            if len(group) == room or seq.prefilled or len(seq.prompt_ids) > budget:
+                break
+            group.append(seq)
+            budget -= len(seq.prompt_ids)
+        for _ in group:
+            self._prefilling.popleft()
+        self._prefill_group(group)
+
+    def _prefill_chunk(self, seq: _Seq) -> None:
         from transformers import DynamicCache
 
-        budget = self.prefill_chunk
-        while self._prefilling and budget > 0 and len(self._batch.seqs) < self.max_batch:
-            seq = self._prefilling[0]
-            if seq.cache is None:
-                seq.cache = DynamicCache(config=self.model.config)
-            chunk = seq.prompt_ids[seq.prefilled : seq.prefilled + budget]
-            logits = self._forward(torch.tensor([chunk], device=self.device), seq.cache)
-            seq.prefilled += len(chunk)
-            budget -= len(chunk)
-            if seq.prefilled < len(seq.prompt_ids):
-                return  # more of this prompt next iteration; let the batch decode meanwhile
+        if seq.cache is None:
+            seq.cache = DynamicCache(config=self.model.config)
+        chunk = seq.prompt_ids[seq.prefilled : seq.prefilled + self.prefill_chunk]
+        logits = self._forward(torch.tensor([chunk], device=self.device), seq.cache)
+        seq.prefilled += len(chunk)
+        if seq.prefilled == len(seq.prompt_ids):
             self._prefilling.popleft()
-            if self._sample_and_emit(seq, logits[0]):
+            cache, seq.cache = seq.cache, None
+            self._admit([seq], cache, [0], logits)
+
+    def _prefill_group(self, group: list[_Seq]) -> None:
+        from transformers import DynamicCache
+
+        width = max(len(s.prompt_ids) for s in group)
+        pads = [width - len(s.prompt_ids) for s in group]
+        input_ids = torch.tensor([[0] * p + s.prompt_ids for s, p in zip(group, pads)], device=self.device)
+        pad_t = torch.tensor(pads, device=self.device)[:, None]
+        columns = torch.arange(width, device=self.device)[None, :]
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward(
+            input_ids, cache, attention_mask=(columns >= pad_t).long(), position_ids=(columns - pad_t).clamp(min=0)
+        )
+        for seq in group:
+            seq.prefilled = len(seq.prompt_ids)
+        self._admit(group, cache, pads, logits)
+
+    def _admit(self, seqs: list[_Seq], cache, pads: list[int], logits: torch.Tensor) -> None:
+        """Sample the first token of freshly prefilled sequences; the unfinished ones join."""
+        keep = []
+        for row, seq in enumerate(seqs):
+            if self._sample_and_emit(seq, logits[row]):
                 self._release(seq)
             else:
-                self._join(seq)
+                keep.append(row)
+        if keep:
+            if len(keep) < len(seqs):
+                index = torch.tensor(keep, device=self.device)
+                for layer in cache.layers:
+                    layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+            self._join([seqs[r] for r in keep], cache, [pads[r] for r in keep])
 
     def _sample_and_emit(self, seq: _Seq, logits: torch.Tensor) -> bool:
         """Sample seq's next token, hand it over; True when the sequence is finished."""
@@ -255,26 +298,24 @@ class BatchEngine:
             seq.emit(TokenEvent(token, finish))
         return finish is not None
 
-    def _join(self, seq: _Seq) -> None:
-        """Add a prefilled sequence to the running batch, left-padding whichever is shorter."""
-        batch, own = self._batch, seq.cache
-        seq.cache = None
-        own_len = own.layers[0].keys.shape[2]
+    def _join(self, seqs: list[_Seq], cache, pads: list[int]) -> None:
+        """Add prefilled sequences (their own left-padded cache) to the running batch, padding
+        whichever of the two is shorter on the left."""
+        batch = self._batch
         if not batch.seqs:
-            self._batch = _Batch(seqs=[seq], pads=[0], cache=own)
-            self.max_running = max(self.max_running, 1)
-            return
-        width = batch.width
-        target = max(own_len, width)
-        if target > width:
-            batch.relayout(lambda t: _pad_left(t, target - width))
-            batch.pads = [p + target - width for p in batch.pads]
-        for mine, theirs in zip(batch.cache.layers, own.layers):
-            mine.keys = torch.cat([mine.keys, _pad_left(theirs.keys, target - own_len)])
-            mine.values = torch.cat([mine.values, _pad_left(theirs.values, target - own_len)])
-        batch.seqs.append(seq)
-        batch.pads.append(target - own_len)
-        self.max_running = max(self.max_running, len(batch.seqs))
+            self._batch = _Batch(seqs=list(seqs), pads=list(pads), cache=cache)
+        else:
+            width, own = batch.width, cache.layers[0].keys.shape[2]
+            target = max(width, own)
+            if target > width:
+                batch.relayout(lambda t: _pad_left(t, target - width))
+                batch.pads = [p + target - width for p in batch.pads]
+            for mine, theirs in zip(batch.cache.layers, cache.layers):
+                mine.keys = torch.cat([mine.keys, _pad_left(theirs.keys, target - own)])
+                mine.values = torch.cat([mine.values, _pad_left(theirs.values, target - own)])
+            batch.seqs.extend(seqs)
+            batch.pads.extend(p + target - own for p in pads)
+        self.max_running = max(self.max_running, len(self._batch.seqs))
 
     def _leave(self, rows: list[int]) -> None:
         batch = self._batch
