@@ -7,7 +7,6 @@ import asyncio
 import datetime
 import json
 import platform
-import sys
 from pathlib import Path
 
 from . import prompts as prompt_sets

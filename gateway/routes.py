@@ -195,12 +195,17 @@ async def _next(iterator):
 # -- endpoints ------------------------------------------------------------------------------
 
 
-@routes.post("/v1/chat/completions")
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    body = parse(ChatCompletionRequest, await read_json(request))
+async def accept(request: web.Request, model_cls: type[_Common]):
+    """Validate the body and check its model is served: (body, generations, traceparent)."""
+    body = parse(model_cls, await read_json(request))
     generations = request.app[GENERATIONS]
     await generations.check_model(body.model)
-    traceparent = new_traceparent(request.headers.get("traceparent"))
+    return body, generations, new_traceparent(request.headers.get("traceparent"))
+
+
+@routes.post("/v1/chat/completions")
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    body, generations, traceparent = await accept(request, ChatCompletionRequest)
     messages = body.chat_messages()
     streams = [
         generations.choice_stream(body.model, body.sampling(i), messages=messages, traceparent=traceparent)
@@ -211,10 +216,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
-    body = parse(CompletionRequest, await read_json(request))
-    generations = request.app[GENERATIONS]
-    await generations.check_model(body.model)
-    traceparent = new_traceparent(request.headers.get("traceparent"))
+    body, generations, traceparent = await accept(request, CompletionRequest)
     streams, echo, first_of_prompt = [], {}, set()
     for p, prompt in enumerate(body.prompts()):
         first_of_prompt.add(p * body.n)

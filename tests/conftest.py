@@ -3,7 +3,6 @@ processes, the real SmolLM2-135M-Instruct model, and the official `openai` SDK a
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
 
 from chatfabric.proto.messages import ChatMessage, SamplingParams
 from chatfabric.worker.engine import BatchEngine, KVCacheFull, TooLargeForCache

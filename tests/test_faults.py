@@ -115,7 +115,7 @@ def test_client_disconnect_cancels_and_frees_the_slot(client, stack):
         model=MODEL, messages=[{"role": "user", "content": "Tell me everything about the ocean."}],
         max_tokens=4000, stream=True, extra_body=LONG)
     received = 0
-    for chunk in stream:
+    for _ in stream:
         received += 1
         if received == 3:
             break

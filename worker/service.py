@@ -49,6 +49,7 @@ from .textstream import IncrementalDetokenizer, StopMatcher
 log = logging.getLogger(__name__)
 
 CANCELLED_MEMORY = 600.0  # seconds a cancel for a not-yet-pulled request is remembered
+INLINE_RENDER_CHARS = 4096  # prompts up to this size are tokenized on the loop, longer ones off it
 
 
 def version() -> str:
@@ -222,7 +223,6 @@ class Worker:
             if request.request_id in self._cancelled:
                 await msg.term()
                 return
-            await reply.send(HeartbeatChunk, started=False)
             await self._generate(msg, request, reply)
         except KVCacheFull:
             # Fits the budget, not next to what runs now: back to JetStream, for us or a peer.
@@ -250,7 +250,10 @@ class Worker:
             self._card_changed.set()
 
     async def _generate(self, msg: Msg, request: GenerationRequest, reply: _Reply) -> None:
-        prompt_ids = await asyncio.to_thread(self._render, request)
+        if _input_chars(request) <= INLINE_RENDER_CHARS:
+            prompt_ids = self._render(request)  # tens of microseconds: cheaper than a thread hop
+        else:
+            prompt_ids = await asyncio.to_thread(self._render, request)
         sampling = resolve(
             request.sampling,
             room=self.backend.context_length - len(prompt_ids),
@@ -376,6 +379,12 @@ class Worker:
                 task.cancel()
             if late:
                 await asyncio.wait(late)
+
+
+def _input_chars(request: GenerationRequest) -> int:
+    if request.messages is not None:
+        return sum(len(m.content) for m in request.messages)
+    return len(request.prompt)
 
 
 class ContextTooLong(PromptError):
