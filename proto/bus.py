@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 
 # JetStream error code for "maximum messages per subject exceeded" (discard-new per subject).
 ERR_MAX_MSGS_PER_SUBJECT = 10077
-ERR_MAX_PAYLOAD = 10054
 
 
 @dataclass(frozen=True)

@@ -160,13 +160,18 @@ def small_fabric(model_dir, tmp_path):
     fab.close()
 
 
-def test_full_queue_is_429_and_silent_worker_is_504(small_fabric):
-    fab = small_fabric
+def one_slot_stack(fab, model: str):
+    """A gateway that gives up after 2 s of worker silence, and one single-slot worker."""
     _, base = fab.gateway("--heartbeat-timeout", "2")
-    model = "tiny-queue"
     worker = fab.worker(model, "--max-concurrency", "1", "--heartbeat-interval", "0.5")
     fab.wait_workers(base, model, 1)
-    client = openai_client(base)
+    return base, worker, openai_client(base)
+
+
+def test_full_queue_is_429_and_silent_worker_is_504(small_fabric):
+    fab = small_fabric
+    model = "tiny-queue"
+    base, worker, client = one_slot_stack(fab, model)
     body = {"model": model, "messages": [{"role": "user", "content": "Write a long essay."}],
             "max_tokens": 3000, **LONG}
 
@@ -201,11 +206,8 @@ def test_full_queue_is_429_and_silent_worker_is_504(small_fabric):
 
 def test_non_stream_request_gets_504_when_worker_freezes(small_fabric):
     fab = small_fabric
-    _, base = fab.gateway("--heartbeat-timeout", "2")
     model = "freezer"
-    worker = fab.worker(model, "--max-concurrency", "1", "--heartbeat-interval", "0.5")
-    fab.wait_workers(base, model, 1)
-    client = openai_client(base)
+    base, worker, client = one_slot_stack(fab, model)
     call = Background(lambda: client.completions.create(model=model, prompt="Once", max_tokens=3000,
                                                         extra_body=LONG))
     wait_for(lambda: (model_entry(base, model) or {}).get("in_flight") == 1

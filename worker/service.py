@@ -106,6 +106,12 @@ class _Reply:
         await self.send(ErrorChunk, code=code, message=message, param=param)
 
 
+@dataclass
+class _Running:
+    task: asyncio.Task
+    reply: _Reply
+
+
 class Worker:
     def __init__(self, bus: Bus, backend: Backend, prompts: PromptBuilder, config: WorkerConfig):
         self.bus = bus
@@ -113,8 +119,7 @@ class Worker:
         self.prompts = prompts
         self.config = config
         self.started_at = time.time()
-        self._tasks: dict[str, asyncio.Task] = {}
-        self._replies: dict[str, _Reply] = {}
+        self._running: dict[str, _Running] = {}  # by request id
         self._cancelled: dict[str, float] = {}
         self._slot_freed = asyncio.Event()
         self._card_changed = asyncio.Event()
@@ -125,7 +130,7 @@ class Worker:
 
     @property
     def in_flight(self) -> int:
-        return len(self._tasks)
+        return len(self._running)
 
     def card(self) -> WorkerCard:
         return WorkerCard(
@@ -182,13 +187,13 @@ class Worker:
         except MessageError as err:
             await self._reject_malformed(msg, str(err))
             return
-        if request.request_id in self._tasks:  # a redelivery of what we already serve
+        if request.request_id in self._running:  # a redelivery of what we already serve
             return
-        self._replies[request.request_id] = _Reply(
+        reply = _Reply(
             self.bus, request.request_id, request.reply_to, self.config.worker_id, msg.metadata.num_delivered
         )
-        task = asyncio.create_task(self._serve(msg, request), name=request.request_id)
-        self._tasks[request.request_id] = task
+        task = asyncio.create_task(self._serve(msg, request, reply), name=request.request_id)
+        self._running[request.request_id] = _Running(task, reply)
         self._card_changed.set()
 
     def _kv_blocked(self) -> bool:
@@ -212,8 +217,7 @@ class Worker:
 
     # -- one request's life ----------------------------------------------------------------
 
-    async def _serve(self, msg: Msg, request: GenerationRequest) -> None:
-        reply = self._replies[request.request_id]
+    async def _serve(self, msg: Msg, request: GenerationRequest, reply: _Reply) -> None:
         keep_alive = asyncio.create_task(self._keep_alive(msg, reply))
         try:
             if request.expired():
@@ -244,8 +248,7 @@ class Worker:
             await reply.error("internal_error", f"{type(err).__name__}: {err}")
         finally:
             keep_alive.cancel()
-            self._tasks.pop(request.request_id, None)
-            self._replies.pop(request.request_id, None)
+            self._running.pop(request.request_id, None)
             self._slot_freed.set()
             self._card_changed.set()
 
@@ -339,10 +342,10 @@ class Worker:
         except MessageError as err:
             log.warning("ignored malformed cancel: %s", err)
             return
-        task = self._tasks.get(cancel.request_id)
-        if task is not None:
+        running = self._running.get(cancel.request_id)
+        if running is not None:
             log.info("cancelling %s: %s", cancel.request_id, cancel.reason)
-            task.cancel()
+            running.task.cancel()
             return
         now = time.monotonic()
         self._cancelled[cancel.request_id] = now
@@ -368,10 +371,10 @@ class Worker:
         self._draining = True
         with contextlib.suppress(Exception):
             await self.bus.delete_card(self.config.worker_id)
-        for request_id, task in list(self._tasks.items()):
-            if not self._replies[request_id].started:
-                task.cancel()
-        pending = list(self._tasks.values())
+        for running in list(self._running.values()):
+            if not running.reply.started:
+                running.task.cancel()
+        pending = [running.task for running in self._running.values()]
         if pending:
             log.info("waiting up to %.0fs for %d requests", self.config.shutdown_grace, len(pending))
             _, late = await asyncio.wait(pending, timeout=self.config.shutdown_grace)
