@@ -67,6 +67,27 @@ def test_batched_greedy_equals_solo(backend, prompts):
     assert engine.max_running >= 3
 
 
+def test_a_join_into_a_finished_row_changes_nothing(backend, prompts):
+    engine = backend.engine
+    long_run = sampling(backend, temperature=0, max_tokens=40, ignore_eos=True)
+    short_run = sampling(backend, temperature=0, max_tokens=3, ignore_eos=True)
+
+    async def run():
+        solo = [await tokens(engine, prompts[0], long_run), await tokens(engine, prompts[4], long_run)]
+        filled = engine.holes_filled
+
+        async def late_joiner():
+            await tokens(engine, prompts[3], short_run)  # finishes first and leaves a hole
+            return await tokens(engine, prompts[4], long_run)  # short prompt: fits the hole
+
+        together = await asyncio.gather(tokens(engine, prompts[0], long_run), late_joiner())
+        return solo, list(together), engine.holes_filled - filled
+
+    solo, together, filled = asyncio.run(run())
+    assert filled >= 1
+    assert together == solo
+
+
 def test_per_request_sampling_inside_one_batch(backend, prompts):
     engine = backend.engine
     configs = [

@@ -10,8 +10,10 @@ engine (`_step`) does three things, in the manner of nano-vllm's scheduler:
 3. decode: one forward pass over every running sequence, one token each.
 
 The running batch shares one left-padded KV cache: row r holds `pad[r]` padding columns, then
-the sequence. A joining sequence is padded to the batch length (or the batch to its length);
-a leaving one is dropped and the columns every row pads are trimmed. Sampling is per sequence
+the sequence. A finished sequence leaves a hole (its row is masked); a joining sequence that fits
+is written into a hole in place, otherwise the batch is re-laid with it (padded to the batch
+length, or the batch to its length). Holes nobody fills for a few steps are compacted away, and
+columns that every row pads are trimmed, so steady traffic costs no whole-cache copies. Sampling is per sequence
 (`sampling.py`), with each request's own seeded generator.
 """
 
@@ -30,6 +32,9 @@ from .backend import Sampling, TokenEvent
 from .sampling import make_generator, process_logits, sample
 
 log = logging.getLogger(__name__)
+
+
+HOLE_PATIENCE = 8  # decode steps a hole may wait for a joining sequence before the batch is compacted
 
 
 class KVCacheFull(Exception):
@@ -66,13 +71,28 @@ class _Batch:
     """The running sequences and their shared left-padded cache (a transformers DynamicCache whose
     layers' keys and values, [batch, heads, width, head_dim], are re-laid on join and leave)."""
 
-    seqs: list[_Seq] = field(default_factory=list)
+    seqs: list[_Seq | None] = field(default_factory=list)  # None: a hole left by a finished sequence
     pads: list[int] = field(default_factory=list)
     cache: object = None
+    holes_since: int | None = None  # the decode step at which the oldest open hole appeared
+
+    @property
+    def live(self) -> list[_Seq]:
+        return [s for s in self.seqs if s is not None]
+
+    @property
+    def holes(self) -> list[int]:
+        return [i for i, s in enumerate(self.seqs) if s is None]
 
     @property
     def width(self) -> int:
         return self.cache.layers[0].keys.shape[2] if self.cache is not None else 0
+
+    def write_row(self, row: int, cache, source_row: int, length: int) -> None:
+        """Copy `length` trailing positions of another cache's row into this row, right-aligned."""
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys[row, :, self.width - length :] = theirs.keys[source_row, :, theirs.keys.shape[2] - length :]
+            mine.values[row, :, self.width - length :] = theirs.values[source_row, :, theirs.values.shape[2] - length :]
 
     def relayout(self, fn) -> None:
         """Replace every layer's keys and values by fn(keys) and fn(values)."""
@@ -111,6 +131,7 @@ class BatchEngine:
         self._closed = False
         self.steps = 0  # decode iterations run (for tests and metrics)
         self.max_running = 0  # the most sequences ever decoded in one forward pass
+        self.holes_filled = 0  # joins written into a finished sequence's row, without a re-layout
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
 
@@ -173,7 +194,7 @@ class BatchEngine:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._closed or self._incoming or self._prefilling or self._batch.seqs):
+                while not (self._closed or self._incoming or self._prefilling or self._batch.live):
                     self._cond.wait()
                 if self._closed:
                     return
@@ -189,7 +210,7 @@ class BatchEngine:
     def _step(self) -> None:
         self._drop_aborted()
         self._prefill()
-        if self._batch.seqs:
+        if self._batch.live:
             self._decode()
 
     def _release(self, seq: _Seq) -> None:
@@ -200,12 +221,12 @@ class BatchEngine:
         for seq in [s for s in self._prefilling if s.aborted]:
             self._prefilling.remove(seq)
             self._release(seq)
-        gone = [i for i, s in enumerate(self._batch.seqs) if s.aborted]
+        gone = [i for i, s in enumerate(self._batch.seqs) if s is not None and s.aborted]
         if gone:
             self._leave(gone)
 
     def _fail_all(self, err: Exception) -> None:
-        for seq in [*self._prefilling, *self._batch.seqs]:
+        for seq in [*self._prefilling, *self._batch.live]:
             seq.emit(err)
             self._release(seq)
         self._prefilling.clear()
@@ -219,7 +240,7 @@ class BatchEngine:
         """Up to `prefill_chunk` prompt tokens this iteration, oldest request first. Prompts that
         fit whole are prefilled together in one left-padded forward pass; a longer one is
         prefilled alone, a chunk per iteration, so the running batch keeps decoding meanwhile."""
-        room = self.max_batch - len(self._batch.seqs)
+        room = self.max_batch - len(self._batch.live)
         if not self._prefilling or room <= 0:
             return
         head = self._prefilling[0]
@@ -299,52 +320,88 @@ class BatchEngine:
         return finish is not None
 
     def _join(self, seqs: list[_Seq], cache, pads: list[int]) -> None:
-        """Add prefilled sequences (their own left-padded cache) to the running batch, padding
-        whichever of the two is shorter on the left."""
+        """Add prefilled sequences (rows of their own left-padded cache) to the running batch:
+        into holes in place where they fit, by re-laying the batch otherwise."""
         batch = self._batch
         if not batch.seqs:
             self._batch = _Batch(seqs=list(seqs), pads=list(pads), cache=cache)
-        else:
-            width, own = batch.width, cache.layers[0].keys.shape[2]
+            self.max_running = max(self.max_running, len(seqs))
+            return
+        own = cache.layers[0].keys.shape[2]
+        holes, rest = batch.holes, []
+        for row, (seq, pad) in enumerate(zip(seqs, pads)):
+            length = own - pad
+            if holes and length <= batch.width:
+                hole = holes.pop(0)
+                batch.write_row(hole, cache, row, length)
+                batch.seqs[hole], batch.pads[hole] = seq, batch.width - length
+                self.holes_filled += 1
+            else:
+                rest.append(row)
+        if not batch.holes:
+            batch.holes_since = None
+        if rest:
+            index = torch.tensor(rest, device=self.device)
+            width = batch.width
             target = max(width, own)
             if target > width:
                 batch.relayout(lambda t: _pad_left(t, target - width))
                 batch.pads = [p + target - width for p in batch.pads]
             for mine, theirs in zip(batch.cache.layers, cache.layers):
-                mine.keys = torch.cat([mine.keys, _pad_left(theirs.keys, target - own)])
-                mine.values = torch.cat([mine.values, _pad_left(theirs.values, target - own)])
-            batch.seqs.extend(seqs)
-            batch.pads.extend(p + target - own for p in pads)
-        self.max_running = max(self.max_running, len(self._batch.seqs))
+                mine.keys = torch.cat([mine.keys, _pad_left(theirs.keys.index_select(0, index), target - own)])
+                mine.values = torch.cat([mine.values, _pad_left(theirs.values.index_select(0, index), target - own)])
+            batch.seqs.extend(seqs[r] for r in rest)
+            batch.pads.extend(pads[r] + target - own for r in rest)
+        self.max_running = max(self.max_running, len(batch.live))
 
     def _leave(self, rows: list[int]) -> None:
+        """Finished or aborted sequences leave holes; compact once holes wait too long."""
         batch = self._batch
-        gone = set(rows)
-        for row in gone:
+        for row in rows:
             self._release(batch.seqs[row])
-        keep = [i for i in range(len(batch.seqs)) if i not in gone]
-        if not keep:
+            batch.seqs[row] = None
+        if not batch.live:
             self._batch = _Batch()
             return
-        trim = min(batch.pads[i] for i in keep)
-        index = torch.tensor(keep, device=self.device)
-        batch.relayout(lambda t: t.index_select(0, index)[:, :, trim:])
-        batch.seqs = [batch.seqs[i] for i in keep]
-        batch.pads = [batch.pads[i] - trim for i in keep]
+        if batch.holes_since is None:
+            batch.holes_since = self.steps
+        self._compact_if_stale()
+
+    def _compact_if_stale(self) -> None:
+        batch = self._batch
+        holes = batch.holes
+        stale = batch.holes_since is not None and self.steps - batch.holes_since >= HOLE_PATIENCE
+        if holes and (stale or 2 * len(holes) > len(batch.seqs)):
+            keep = [i for i, s in enumerate(batch.seqs) if s is not None]
+            index = torch.tensor(keep, device=self.device)
+            batch.relayout(lambda t: t.index_select(0, index))
+            batch.seqs = [batch.seqs[i] for i in keep]
+            batch.pads = [batch.pads[i] for i in keep]
+            batch.holes_since = None
+        trim = min(p for p, s in zip(batch.pads, batch.seqs) if s is not None)
+        if trim:
+            batch.relayout(lambda t: t[:, :, trim:])
+            batch.pads = [p - trim for p in batch.pads]
 
     def _decode(self) -> None:
         batch = self._batch
         width = batch.width
-        pads = torch.tensor(batch.pads, device=self.device)
+        # a hole attends only to its own new column; its output is ignored
+        pads = torch.tensor([p if s is not None else width for p, s in zip(batch.pads, batch.seqs)],
+                            device=self.device)
         columns = torch.arange(width + 1, device=self.device)
         attention_mask = (columns[None, :] >= pads[:, None]).long()
         position_ids = (width - pads)[:, None]
-        input_ids = torch.tensor([[s.last_token] for s in batch.seqs], device=self.device)
+        input_ids = torch.tensor([[s.last_token if s is not None else 0] for s in batch.seqs], device=self.device)
         logits = self._forward(input_ids, batch.cache, attention_mask=attention_mask, position_ids=position_ids)
         self.steps += 1
-        done = [row for row, seq in enumerate(batch.seqs) if self._sample_and_emit(seq, logits[row])]
+        batch.pads = [p if s is not None else width + 1 for p, s in zip(batch.pads, batch.seqs)]
+        done = [row for row, seq in enumerate(batch.seqs)
+                if seq is not None and self._sample_and_emit(seq, logits[row])]
         if done:
             self._leave(done)
+        elif batch.holes:
+            self._compact_if_stale()
 
 
 def _mailbox(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Callable[[object], None]:
