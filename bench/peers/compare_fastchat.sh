@@ -23,6 +23,8 @@ wait_http() { for _ in $(seq 1 300); do curl -sf "$1" >/dev/null && return 0; sl
 .venv/bin/python bench/peers/fastchat_model.py "$MODEL_DIR"
 
 echo "== FastChat" >&2
+REPO=$PWD
+cd "$LOGS"  # FastChat writes its own log files into the folder it starts in
 "$FS_VENV/bin/python" -m fastchat.serve.controller --host 127.0.0.1 --port 21001 >"$LOGS/controller.log" 2>&1 & pids+=($!)
 sleep 3
 "$FS_VENV/bin/python" -m fastchat.serve.model_worker --model-path "$MODEL_DIR" --model-names SmolLM2-135M-Instruct \
@@ -31,6 +33,7 @@ sleep 3
 "$FS_VENV/bin/python" -m fastchat.serve.openai_api_server --host 127.0.0.1 --port 8100 \
   --controller-address http://127.0.0.1:21001 >"$LOGS/fs-api.log" 2>&1 & pids+=($!)
 for _ in $(seq 1 300); do curl -sf http://127.0.0.1:8100/v1/models | grep -q SmolLM2 && break; sleep 1; done
+cd "$REPO"
 $CF bench --base-url http://127.0.0.1:8100/v1 --label fastchat-0.2.36 "${BENCH[@]}"
 cleanup; pids=()
 
