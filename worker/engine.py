@@ -60,16 +60,12 @@ class _Seq:
     last_token: int = -1
     aborted: bool = False
 
-    @property
-    def length(self) -> int:
-        """Tokens in the KV cache once the last sampled token is fed back."""
-        return len(self.prompt_ids) + self.generated
-
 
 @dataclass
 class _Batch:
     """The running sequences and their shared left-padded cache (a transformers DynamicCache whose
-    layers' keys and values, [batch, heads, width, head_dim], are re-laid on join and leave)."""
+    layers' keys and values are [batch, heads, width, head_dim]; rows of finished sequences stay
+    as masked holes until a joining sequence fills them or the batch is compacted)."""
 
     seqs: list[_Seq | None] = field(default_factory=list)  # None: a hole left by a finished sequence
     pads: list[int] = field(default_factory=list)
