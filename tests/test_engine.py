@@ -1,6 +1,7 @@
-"""The continuous-batching engine on the real model: batched output equals solo output,
+"""The continuous-batching engines on the real model: batched output equals solo output,
 per-request sampling inside one batch, cancellation frees the slot, the KV budget holds,
-chunked prefill changes nothing but latency."""
+chunked prefill changes nothing but latency. Each test runs on both engines: the padded one
+(the CPU default) and the slot one (the CUDA default, here without CUDA graphs)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from chatfabric.worker.engine import BatchEngine, KVCacheFull, TooLargeForCache
 from chatfabric.worker.hf import HFBackend
 from chatfabric.worker.prompting import PromptBuilder
 from chatfabric.worker.sampling import resolve
+from chatfabric.worker.slots import SlotEngine
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -24,9 +26,14 @@ QUESTIONS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def backend(model_dir):
-    b = HFBackend.load(model_dir, "cpu", "float32", max_batch=8, kv_cache_tokens=20_000)
+SLOT_LENGTH = 3_200  # room for the longest request below (~40 prompt + 3000 tokens)
+
+
+@pytest.fixture(scope="module", params=["padded", "slots"])
+def backend(request, model_dir):
+    b = HFBackend.load(model_dir, "cpu", "float32", max_batch=8, kv_cache_tokens=20_000, engine=request.param,
+                       slot_length=SLOT_LENGTH)
+    assert isinstance(b.engine, SlotEngine) == (request.param == "slots")
     yield b
     b.engine.close()
 
@@ -38,9 +45,16 @@ def prompts(backend):
 
 
 def engine_like(backend, **overrides) -> BatchEngine:
+    """A fresh engine of the same kind as the backend's, with some settings changed."""
     args = dict(vocab_size=backend.engine.vocab_size, device="cpu", max_batch=8, kv_budget_tokens=20_000,
                 cache_arg=backend.engine._cache_arg)
+    if isinstance(backend.engine, SlotEngine):
+        return SlotEngine(backend.model, **{**args, "slot_length": SLOT_LENGTH, **overrides})
     return BatchEngine(backend.model, **{**args, **overrides})
+
+
+def is_idle(engine) -> bool:
+    return not engine._prefilling and not engine._busy()
 
 
 def sampling(backend, **params):
@@ -67,6 +81,11 @@ def test_batched_greedy_equals_solo(backend, prompts):
     assert engine.max_running >= 3
 
 
+def reshuffles(engine) -> int:
+    """How often a joining or surviving sequence was moved into a finished one's cache row."""
+    return engine.rows_moved if isinstance(engine, SlotEngine) else engine.holes_filled
+
+
 def test_a_join_into_a_finished_row_changes_nothing(backend, prompts):
     engine = backend.engine
     long_run = sampling(backend, temperature=0, max_tokens=40, ignore_eos=True)
@@ -74,14 +93,16 @@ def test_a_join_into_a_finished_row_changes_nothing(backend, prompts):
 
     async def run():
         solo = [await tokens(engine, prompts[0], long_run), await tokens(engine, prompts[4], long_run)]
-        filled = engine.holes_filled
+        filled = reshuffles(engine)
 
         async def late_joiner():
             await tokens(engine, prompts[3], short_run)  # finishes first and leaves a hole
             return await tokens(engine, prompts[4], long_run)  # short prompt: fits the hole
 
-        together = await asyncio.gather(tokens(engine, prompts[0], long_run), late_joiner())
-        return solo, list(together), engine.holes_filled - filled
+        # the short request takes the first row; when it finishes, the long one runs on beside its
+        # empty row (padded engine: a hole that the late joiner fills) or moves into it (slots)
+        joined, ran = await asyncio.gather(late_joiner(), tokens(engine, prompts[0], long_run))
+        return solo, [ran, joined], reshuffles(engine) - filled
 
     solo, together, filled = asyncio.run(run())
     assert filled >= 1
@@ -130,7 +151,7 @@ def test_cancellation_frees_the_slot_and_the_budget(backend, prompts):
         await gen.aclose()  # what a cancelled request does
         finished = await asyncio.wait_for(other, timeout=120)
         for _ in range(100):
-            if engine.kv_free_tokens == full and not engine._batch.seqs:
+            if engine.kv_free_tokens == full and is_idle(engine):
                 break
             await asyncio.sleep(0.05)
         return got, finished, full
@@ -138,7 +159,7 @@ def test_cancellation_frees_the_slot_and_the_budget(backend, prompts):
     got, finished, full = asyncio.run(run())
     assert len(got) == 3 and len(finished) == 12
     assert engine.kv_free_tokens == full
-    assert engine._batch.seqs == []
+    assert is_idle(engine)
 
 
 def test_kv_budget_is_respected(backend, prompts):

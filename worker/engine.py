@@ -49,16 +49,34 @@ class TooLargeForCache(ValueError):
 class _Seq:
     prompt_ids: list[int]
     sampling: Sampling
-    generator: torch.Generator
-    seen: torch.Tensor  # token ids seen so far (for the repetition penalty)
-    output_counts: torch.Tensor  # per-vocabulary count of generated tokens
     emit: Callable[[object], None]  # thread-safe: hands a TokenEvent or an exception to the caller
     reserved: int  # KV tokens reserved for this sequence (prompt + max_tokens)
-    cache: object = None  # own cache while prefilling
+    # sampling state, made on the engine thread by `prepare` (CUDA work stays off the event loop)
+    generator: torch.Generator | None = None
+    seen: torch.Tensor | None = None  # token ids seen so far, for the repetition penalty
+    output_counts: torch.Tensor | None = None  # per-vocabulary count of generated tokens, for the penalties
+    cache: object = None  # own cache while prefilling (padded engine)
+    row: int = -1  # the cache row it holds (slot engine)
     prefilled: int = 0
     generated: int = 0
     last_token: int = -1
     aborted: bool = False
+
+    def prepare(self, device: str, vocab_size: int) -> None:
+        s = self.sampling
+        if not s.greedy:
+            self.generator = make_generator(s.seed, device)
+        if s.repetition_penalty != 1.0:
+            self.seen = torch.tensor(sorted(set(self.prompt_ids)), dtype=torch.long, device=device)
+        if s.presence_penalty or s.frequency_penalty:
+            self.output_counts = torch.zeros(vocab_size, dtype=torch.long, device=device)
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with no logit processing this step: its token is a plain argmax."""
+        s = self.sampling
+        return (s.greedy and not s.logit_bias and self.generated >= s.min_tokens and s.repetition_penalty == 1.0
+                and not s.presence_penalty and not s.frequency_penalty)
 
 
 @dataclass
@@ -137,24 +155,22 @@ class BatchEngine:
     def kv_free_tokens(self) -> int:
         return self.kv_budget_tokens - self._reserved
 
+    @property
+    def max_request_tokens(self) -> int:
+        """The most KV tokens (prompt + max_tokens) one request may need."""
+        return self.kv_budget_tokens
+
     async def generate(self, prompt_ids: list[int], sampling: Sampling) -> AsyncIterator[TokenEvent]:
         need = len(prompt_ids) + sampling.max_tokens
-        if need > self.kv_budget_tokens:
+        if need > self.max_request_tokens:
             raise TooLargeForCache(
                 f"this request needs {need} tokens of KV cache (prompt {len(prompt_ids)} + max_tokens "
-                f"{sampling.max_tokens}); the worker's budget is {self.kv_budget_tokens}: lower max_tokens"
+                f"{sampling.max_tokens}); the worker holds at most {self.max_request_tokens} per request: "
+                "lower max_tokens"
             )
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        seq = _Seq(
-            prompt_ids=list(prompt_ids),
-            sampling=sampling,
-            generator=make_generator(sampling.seed, self.device),
-            seen=torch.tensor(sorted(set(prompt_ids)), dtype=torch.long, device=self.device),
-            output_counts=torch.zeros(self.vocab_size, dtype=torch.long, device=self.device),
-            emit=_mailbox(loop, events),
-            reserved=need,
-        )
+        seq = _Seq(prompt_ids=list(prompt_ids), sampling=sampling, emit=_mailbox(loop, events), reserved=need)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the engine is closed")
@@ -190,17 +206,22 @@ class BatchEngine:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._closed or self._incoming or self._prefilling or self._batch.live):
+                while not (self._closed or self._incoming or self._prefilling or self._busy()):
                     self._cond.wait()
                 if self._closed:
                     return
-                self._prefilling.extend(self._incoming)
-                self._incoming.clear()
+                arrived, self._incoming = self._incoming, []
             try:
+                for seq in arrived:
+                    seq.prepare(self.device, self.vocab_size)
+                    self._prefilling.append(seq)
                 self._step()
             except Exception as err:  # a failed forward pass fails its requests, not the worker
                 log.exception("engine step failed")
                 self._fail_all(err)
+
+    def _busy(self) -> bool:
+        return bool(self._batch.live)
 
     @torch.inference_mode()
     def _step(self) -> None:
@@ -210,8 +231,10 @@ class BatchEngine:
             self._decode()
 
     def _release(self, seq: _Seq) -> None:
+        """Return seq's KV reservation to the budget (once)."""
         with self._cond:
             self._reserved -= seq.reserved
+            seq.reserved = 0
 
     def _drop_aborted(self) -> None:
         for seq in [s for s in self._prefilling if s.aborted]:
@@ -285,9 +308,9 @@ class BatchEngine:
     def _admit(self, seqs: list[_Seq], cache, pads: list[int], logits: torch.Tensor) -> None:
         """Sample the first token of freshly prefilled sequences; the unfinished ones join."""
         keep = []
-        for row, seq in enumerate(seqs):
-            if self._sample_and_emit(seq, logits[row]):
-                self._release(seq)
+        for row, finished in enumerate(self._sample_rows(seqs, logits)):
+            if finished:
+                self._release(seqs[row])
             else:
                 keep.append(row)
         if keep:
@@ -297,20 +320,38 @@ class BatchEngine:
                     layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
             self._join([seqs[r] for r in keep], cache, [pads[r] for r in keep])
 
-    def _sample_and_emit(self, seq: _Seq, logits: torch.Tensor) -> bool:
-        """Sample seq's next token, hand it over; True when the sequence is finished."""
-        logits = process_logits(logits, seq.sampling, seq.seen, seq.output_counts, seq.generated)
-        token = sample(logits, seq.sampling, seq.generator)
+    def _sample_rows(self, seqs: list[_Seq | None], logits: torch.Tensor) -> list[bool]:
+        """Sample each sequence's next token from its row of logits (None: a row to skip) and hand
+        it over; True where that sequence is finished. Plain greedy rows share one argmax, so a
+        batch costs one device sync, not one per row."""
+        plain = [i for i, s in enumerate(seqs) if s is not None and s.plain_greedy]
+        tokens = dict(zip(plain, logits[plain].argmax(-1).tolist())) if plain else {}
+        done = []
+        for i, seq in enumerate(seqs):
+            if seq is None:
+                done.append(False)
+                continue
+            token = tokens.get(i)
+            if token is None:
+                row = process_logits(logits[i], seq.sampling, seq.seen, seq.output_counts, seq.generated)
+                token = sample(row, seq.sampling, seq.generator)
+            done.append(self._emit(seq, token))
+        return done
+
+    def _emit(self, seq: _Seq, token: int) -> bool:
         seq.generated += 1
         seq.last_token = token
-        seq.output_counts[token] += 1
-        if seq.sampling.repetition_penalty != 1.0:
+        if seq.output_counts is not None:
+            seq.output_counts[token] += 1
+        if seq.seen is not None:
             seq.seen = torch.unique(torch.cat([seq.seen, seq.seen.new_tensor([token])]))
         finish = None
         if token in seq.sampling.stop_token_ids:
             finish = "stop"
         elif seq.generated >= seq.sampling.max_tokens:
             finish = "length"
+        if finish is not None:
+            self._release(seq)  # before the last event: its receiver may admit the next request at once
         if not seq.aborted:
             seq.emit(TokenEvent(token, finish))
         return finish is not None
@@ -392,8 +433,7 @@ class BatchEngine:
         logits = self._forward(input_ids, batch.cache, attention_mask=attention_mask, position_ids=position_ids)
         self.steps += 1
         batch.pads = [p if s is not None else width + 1 for p, s in zip(batch.pads, batch.seqs)]
-        done = [row for row, seq in enumerate(batch.seqs)
-                if seq is not None and self._sample_and_emit(seq, logits[row])]
+        done = [row for row, finished in enumerate(self._sample_rows(batch.seqs, logits)) if finished]
         if done:
             self._leave(done)
         elif batch.holes:

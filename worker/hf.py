@@ -14,6 +14,7 @@ from transformers import DynamicCache
 
 from .backend import Sampling, TokenEvent
 from .engine import BatchEngine
+from .slots import SlotEngine
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,8 @@ class HFBackend:
     kind = "hf"
 
     def __init__(self, model, tokenizer, device: str, *, max_batch: int = 16,
-                 kv_cache_tokens: int | None = None, prefill_chunk: int = 512):
+                 kv_cache_tokens: int | None = None, prefill_chunk: int = 512, engine: str = "auto",
+                 slot_length: int | None = None, cuda_graphs: bool | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
@@ -114,8 +116,9 @@ class HFBackend:
         # transformers 5.x renamed `past_key_values` to `cache`; accept either release.
         params = inspect.signature(model.forward).parameters
         budget = kv_cache_tokens or default_kv_budget(model.config, model.dtype, device)
-        self.engine = BatchEngine(
-            model,
+        if engine == "auto":
+            engine = "slots" if device.startswith("cuda") else "padded"
+        common = dict(
             vocab_size=model.get_output_embeddings().weight.shape[0],
             device=device,
             max_batch=max_batch,
@@ -123,7 +126,17 @@ class HFBackend:
             prefill_chunk=prefill_chunk,
             cache_arg="cache" if "cache" in params else "past_key_values",
         )
-        log.info("KV cache budget: %d tokens, batch up to %d", budget, max_batch)
+        if engine == "slots":
+            # each row holds a whole request: the context length, or the budget's share per row
+            slot_length = slot_length or min(self.context_length, max(budget // max_batch, 2))
+            self.engine = SlotEngine(model, slot_length=slot_length, cuda_graphs=cuda_graphs, **common)
+        elif engine == "padded":
+            if cuda_graphs:
+                raise ValueError("CUDA graphs need the slots engine (--engine slots)")
+            self.engine = BatchEngine(model, **common)
+        else:
+            raise ValueError(f"unknown engine {engine!r}: choose auto, padded or slots")
+        log.info("%s engine; KV cache budget: %d tokens, batch up to %d", engine, budget, max_batch)
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", dtype: str = "auto", **engine_args) -> "HFBackend":

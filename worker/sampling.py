@@ -59,10 +59,10 @@ def mask_tokens(logits: torch.Tensor, token_ids: frozenset[int]) -> None:
             logits[token] = float("-inf")
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> None:
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor | None, penalty: float) -> None:
     """transformers' rule over every token seen (prompt and output): divide positive logits by
     the penalty, multiply negative ones."""
-    if penalty == 1.0 or seen.numel() == 0:
+    if penalty == 1.0 or seen is None or seen.numel() == 0:
         return
     values = logits[seen]
     logits[seen] = torch.where(values > 0, values / penalty, values * penalty)
@@ -99,8 +99,8 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 def process_logits(
     logits: torch.Tensor,
     sampling: Sampling,
-    seen: torch.Tensor,
-    output_counts: torch.Tensor,
+    seen: torch.Tensor | None,
+    output_counts: torch.Tensor | None,
     generated: int,
 ) -> torch.Tensor:
     """Apply every logit-changing parameter to one row (float32, modified in place)."""

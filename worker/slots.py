@@ -1,0 +1,339 @@
+"""Continuous batching over a preallocated KV cache with one row ("slot") per sequence, the
+engine the transformers backend runs on CUDA (and on CPU with `--engine slots`).
+
+The padded engine (`engine.py`) re-lays its cache as sequences join and leave, and every decode
+step has a new shape. Here every tensor a step touches lives at a fixed address:
+
+- `SlotCache` holds, per layer, keys and values of shape [slots, kv_heads, slot_length + 1,
+  head_dim]. Sequence i's token at position p sits in row `seq.row`, column p. The last column
+  is scratch: rows that are not decoding this step (still prefilling, or beyond the batch) write
+  their throwaway key there. The rows in use are always 0..n-1; a sequence that leaves hands its
+  row to the last one (one row copy), so the batch never has holes.
+- A decode step reads `[n, kv_heads, L, head_dim]` views of the cache, with L the longest
+  position in the batch, and an additive mask from each row's position; new keys are written
+  with one `index_copy_` per layer.
+- On CUDA, decode steps run as CUDA graphs, captured lazily for bucketed batch sizes and
+  attention lengths (`_buckets`); a step copies its token ids and positions into static buffers
+  and replays, so the Python and kernel-launch cost of the model's forward is paid once per
+  shape, not once per step. Prefill stays eager: it is one pass per prompt chunk.
+
+Scheduling, sampling and the KV budget are the padded engine's (`BatchEngine`); each request's
+prompt + max_tokens must also fit one slot.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .engine import BatchEngine, _Seq
+
+log = logging.getLogger(__name__)
+
+
+def _text_config(config):
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+class SlotCache:
+    """A transformers-compatible KV cache over fixed per-sequence rows (see the module docstring).
+
+    Before each forward pass the engine says what it is for: `for_prefill` (a run of rows, each
+    writing the same columns) or `for_decode` (the first n rows, each writing one column of its
+    own). `update`, which the model's attention layers call, writes the new keys and values and
+    returns views of the cache that the attention reads."""
+
+    def __init__(self, config, slots: int, slot_length: int, dtype: torch.dtype, device: str):
+        text = _text_config(config)
+        self.kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.num_layers = text.num_hidden_layers
+        self.slots, self.slot_length = slots, slot_length
+        self.scratch = slot_length  # the column nobody reads
+        shape = (slots, self.kv_heads, slot_length + 1, self.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
+        # flat index of (row, head, column 0) in a [slots * kv_heads * (slot_length + 1), head_dim] view
+        rows = torch.arange(slots, device=device)[:, None] * self.kv_heads + torch.arange(self.kv_heads, device=device)
+        self._base = rows * (slot_length + 1)
+        self._plan: tuple = ("none",)
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    # -- transformers' Cache interface, as far as decoder-only models use it --------------------
+
+    is_compileable = False
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # positions are always passed explicitly
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self._plan[-1], 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return 0
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False] * self.num_layers
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        kind = self._plan[0]
+        if kind == "decode":
+            _, n, index, length = self._plan
+            flat = (-1, self.head_dim)
+            keys.view(flat).index_copy_(0, index, key_states.reshape(flat))
+            values.view(flat).index_copy_(0, index, value_states.reshape(flat))
+            return keys[:n, :, :length], values[:n, :, :length]
+        if kind == "prefill":
+            _, first, count, start, length = self._plan
+            width = key_states.shape[2]
+            keys[first : first + count, :, start : start + width] = key_states
+            values[first : first + count, :, start : start + width] = value_states
+            return keys[first : first + count, :, :length], values[first : first + count, :, :length]
+        raise RuntimeError("SlotCache.update called outside a planned forward pass")
+
+    # -- planning ---------------------------------------------------------------------------------
+
+    def for_prefill(self, first: int, count: int, start: int, width: int) -> None:
+        """Rows first..first+count-1 write columns start..start+width-1 and attend to 0..start+width-1."""
+        self._plan = ("prefill", first, count, start, start + width)
+
+    def for_decode(self, n: int, write: torch.Tensor, length: int) -> None:
+        """Rows 0..n-1 write one column each (`write`, shape [n]) and attend to columns 0..length-1."""
+        index = (self._base[:n] + write[:, None]).reshape(-1)
+        self._plan = ("decode", n, index, length)
+
+    def move_row(self, source: int, target: int, length: int) -> None:
+        for t in (*self.keys, *self.values):
+            t[target, :, :length] = t[source, :, :length]
+
+
+def _buckets(limit: int, first: list[int], step: int) -> list[int]:
+    """Sizes to capture graphs for: `first`, then multiples of `step` up to `limit`, with `limit` last."""
+    sizes = [s for s in first if s < limit]
+    size = step
+    while size < limit:
+        if size > (sizes[-1] if sizes else 0):
+            sizes.append(size)
+        size += step
+    return sizes + [limit]
+
+
+class SlotEngine(BatchEngine):
+    """Continuous batching over `SlotCache`, with CUDA graphs for decode on CUDA; see the module
+    docstring. Same interface and guarantees as `BatchEngine`."""
+
+    def __init__(self, model, vocab_size: int, device: str, *, max_batch: int, kv_budget_tokens: int,
+                 slot_length: int, prefill_chunk: int = 512, cache_arg: str = "past_key_values",
+                 cuda_graphs: bool | None = None):
+        if slot_length < 2:
+            raise ValueError("slot_length must be at least 2")
+        self.slot_length = slot_length
+        self.cache = SlotCache(model.config, max_batch, slot_length, model.dtype, device)
+        self.rows: list[_Seq] = []  # row i holds rows[i]: prefilling or decoding
+        self.cuda_graphs = str(device).startswith("cuda") if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and not str(device).startswith("cuda"):
+            raise ValueError("CUDA graphs need a CUDA device")
+        self._mask_min = torch.finfo(model.dtype).min
+        self._columns = torch.arange(slot_length, device=device)
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graph_replays = 0  # decode steps served by a captured graph (for tests and metrics)
+        self.rows_moved = 0  # rows handed to another sequence when one left from the middle
+        if self.cuda_graphs:
+            self._batch_sizes = _buckets(max_batch, [1, 2, 4], 8)
+            self._lengths = _buckets(slot_length, [], 256)
+            # static inputs: token ids, positions and write columns of every row
+            self._static = torch.zeros(3, max_batch, dtype=torch.long, device=device)
+            self._staging = torch.zeros(3, max_batch, dtype=torch.long).pin_memory()
+            self._pool = torch.cuda.graph_pool_handle()
+        super().__init__(model, vocab_size, device, max_batch=max_batch, kv_budget_tokens=kv_budget_tokens,
+                         prefill_chunk=prefill_chunk, cache_arg=cache_arg)
+        log.info("slot KV cache: %d rows x %d tokens, %.1f MiB%s", max_batch, slot_length,
+                 self.cache.bytes / 2**20, ", CUDA graphs" if self.cuda_graphs else "")
+
+    @property
+    def max_request_tokens(self) -> int:
+        return min(self.kv_budget_tokens, self.slot_length)
+
+    # -- the engine thread -----------------------------------------------------------------------
+
+    def _busy(self) -> bool:
+        return bool(self.rows)
+
+    def _step(self) -> None:
+        with torch.inference_mode():
+            self._drop_aborted()
+            self._prefill()
+            if any(s.generated for s in self.rows):
+                self._decode()
+
+    def _drop_aborted(self) -> None:
+        for seq in [s for s in self._prefilling if s.aborted]:
+            self._prefilling.remove(seq)
+            if seq.row >= 0:
+                self._free_row(seq)
+            self._release(seq)
+        for seq in [s for s in self.rows if s.aborted]:
+            self._leave(seq)
+
+    def _fail_all(self, err: Exception) -> None:
+        for seq in {*self._prefilling, *self.rows}:
+            seq.emit(err)
+            self._release(seq)
+        self._prefilling.clear()
+        self.rows = []
+
+    def _take_row(self, seq: _Seq) -> None:
+        seq.row = len(self.rows)
+        self.rows.append(seq)
+        self.max_running = max(self.max_running, len(self.rows))
+
+    def _free_row(self, seq: _Seq) -> None:
+        """Give seq's row to the last row's sequence, so rows in use stay 0..n-1."""
+        last = self.rows.pop()
+        if last is not seq:
+            self.cache.move_row(last.row, seq.row, len(last.prompt_ids) + last.generated)
+            last.row = seq.row
+            self.rows[seq.row] = last
+            self.rows_moved += 1
+        seq.row = -1
+
+    def _leave(self, seq: _Seq) -> None:
+        self._free_row(seq)
+        self._release(seq)
+
+    def _prefill(self) -> None:
+        """Like the padded engine: short prompts together (right-padded into their new rows), a
+        long one alone, a chunk per step. A prompt's row is taken when its prefill starts."""
+        if not self._prefilling:
+            return
+        head = self._prefilling[0]
+        room = self.max_batch - len(self.rows)
+        if head.prefilled or len(head.prompt_ids) > self.prefill_chunk:
+            if head.row < 0:
+                if not room:
+                    return
+                self._take_row(head)
+            chunk = head.prompt_ids[head.prefilled : head.prefilled + self.prefill_chunk]
+            logits = self._prefill_pass([head], [chunk], head.prefilled)
+            head.prefilled += len(chunk)
+            if head.prefilled == len(head.prompt_ids):
+                self._prefilling.popleft()
+                self._first_tokens([head], logits)
+            return
+        group, budget = [], self.prefill_chunk
+        for seq in self._prefilling:
+            if len(group) == room or seq.prefilled or len(seq.prompt_ids) > budget:
+                break
+            group.append(seq)
+            budget -= len(seq.prompt_ids)
+        if not group:
+            return
+        for seq in group:
+            self._prefilling.popleft()
+            self._take_row(seq)
+        logits = self._prefill_pass(group, [s.prompt_ids for s in group], 0)
+        for seq in group:
+            seq.prefilled = len(seq.prompt_ids)
+        self._first_tokens(group, logits)
+
+    def _prefill_pass(self, seqs: list[_Seq], chunks: list[list[int]], start: int) -> torch.Tensor:
+        """One forward pass over `chunks` (one per sequence, in consecutive rows, all starting at
+        column `start`); returns the logits at each chunk's last token."""
+        width = max(len(c) for c in chunks)
+        input_ids = torch.tensor([c + [0] * (width - len(c)) for c in chunks], device=self.device)
+        positions = torch.arange(start, start + width, device=self.device)
+        # causal over the prefix and the chunk; padding after a short prompt is never attended
+        visible = self._columns[: start + width][None, :] <= positions[:, None]
+        mask = torch.zeros(visible.shape, dtype=self.model.dtype, device=self.device)
+        mask.masked_fill_(~visible, self._mask_min)
+        last = [len(c) - 1 for c in chunks]
+        keep = sorted(set(last))
+        self.cache.for_prefill(seqs[0].row, len(seqs), start, width)
+        out = self.model(
+            input_ids=input_ids, position_ids=positions[None, :].expand(len(chunks), -1),
+            attention_mask=mask[None, None].expand(len(chunks), 1, -1, -1), use_cache=True,
+            logits_to_keep=torch.tensor(keep, device=self.device), **{self._cache_arg: self.cache},
+        )
+        index = torch.tensor([keep.index(i) for i in last], device=self.device)
+        return out.logits[torch.arange(len(chunks), device=self.device), index].float()
+
+    def _first_tokens(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
+        for seq, finished in zip(seqs, self._sample_rows(seqs, logits)):
+            if finished:
+                self._leave(seq)
+
+    def _decode(self) -> None:
+        n = len(self.rows)
+        live = [s if s.generated else None for s in self.rows]
+        ids = [s.last_token if s else 0 for s in live]
+        # the token fed now sits at position prompt + generated - 1
+        positions = [len(s.prompt_ids) + s.generated - 1 if s else 0 for s in live]
+        writes = [p if s else self.cache.scratch for p, s in zip(positions, live)]
+        length = max(positions) + 1
+        if self.cuda_graphs:
+            logits = self._replay(n, length, ids, positions, writes)
+        else:
+            logits = self._decode_pass(
+                n, length, torch.tensor([ids, positions, writes], device=self.device))
+        self.steps += 1
+        finished = [s for s, done in zip(live, self._sample_rows(live, logits)) if done]
+        for seq in finished:
+            self._leave(seq)
+
+    def _decode_pass(self, n: int, length: int, inputs: torch.Tensor) -> torch.Tensor:
+        """The decode forward over rows 0..n-1; `inputs` is [3, n]: token ids, positions, write
+        columns. Eager on CPU; captured into a graph on CUDA."""
+        ids, positions, writes = inputs[0, :n], inputs[1, :n], inputs[2, :n]
+        mask = torch.zeros((n, length), dtype=self.model.dtype, device=self.device)
+        mask.masked_fill_(self._columns[:length][None, :] > positions[:, None], self._mask_min)
+        self.cache.for_decode(n, writes, length)
+        out = self.model(input_ids=ids[:, None], position_ids=positions[:, None], attention_mask=mask[:, None, None],
+                         use_cache=True, logits_to_keep=1, **{self._cache_arg: self.cache})
+        return out.logits[:, -1].float()
+
+    # -- CUDA graphs -------------------------------------------------------------------------------
+
+    def _replay(self, n: int, length: int, ids: list[int], positions: list[int], writes: list[int]) -> torch.Tensor:
+        size = next(b for b in self._batch_sizes if b >= n)
+        span = next(L for L in self._lengths if L >= length)
+        pad = size - n  # rows past the batch: token 0 at position 0, written to scratch
+        staging = self._staging[:, :size]
+        staging[0] = torch.tensor(ids + [0] * pad)
+        staging[1] = torch.tensor(positions + [0] * pad)
+        staging[2] = torch.tensor(writes + [self.cache.scratch] * pad)
+        self._static[:, :size].copy_(staging, non_blocking=True)
+        graph, logits = self._graphs.get((size, span)) or self._capture(size, span)
+        graph.replay()
+        self.graph_replays += 1
+        return logits[:n]
+
+    def _capture(self, size: int, span: int):
+        """Capture the decode pass for `size` rows attending to `span` columns. Warm-up passes run
+        first on a side stream (as CUDA graphs require) with every row writing to scratch, so no
+        sequence's cache is touched."""
+        saved = self._static.clone()
+        self._static[0].zero_()
+        self._static[1].zero_()
+        self._static[2].fill_(self.cache.scratch)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._decode_pass(size, span, self._static)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            logits = self._decode_pass(size, span, self._static)
+        self._static.copy_(saved)
+        self._graphs[(size, span)] = (graph, logits)
+        log.info("captured a decode graph for %d rows x %d columns (%d graphs)", size, span, len(self._graphs))
+        return graph, logits
