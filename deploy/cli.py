@@ -69,6 +69,15 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache budget in tokens (default: from free memory); requests that do not fit wait")
     w.add_argument("--prefill-chunk", type=int, default=512,
                    help="prompt tokens prefilled per engine step, so long prompts do not stall decoding")
+    w.add_argument("--engine", choices=["auto", "padded", "slots"], default="auto",
+                   help="hf backend's batching engine: padded (a left-padded cache re-laid as requests come "
+                   "and go) or slots (a preallocated cache row per request, CUDA graphs on CUDA); auto: "
+                   "slots on CUDA, padded on CPU")
+    w.add_argument("--slot-length", type=int,
+                   help="slots engine: KV tokens per row, the longest prompt + max_tokens it serves (default: "
+                   "the context length, or the KV budget's share per row if smaller)")
+    w.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False, default=None,
+                   help="slots engine on CUDA: run decode steps eagerly instead of replaying CUDA graphs")
     v = p.add_argument_group("vllm backend")
     v.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs to shard the model over")
     v.add_argument("--gpu-memory-utilization", type=float, help="share of GPU memory vLLM may use")
@@ -169,6 +178,8 @@ async def load_worker(args):
         raise ValueError("--kv-cache-tokens must be positive")
     if args.prefill_chunk < 1:
         raise ValueError("--prefill-chunk must be positive")
+    if args.slot_length is not None and args.slot_length < 2:
+        raise ValueError("--slot-length must be at least 2")
     if args.backend == "vllm":
         from ..worker.vllm_backend import VLLMBackend
 
@@ -187,6 +198,7 @@ async def load_worker(args):
         backend = await asyncio.to_thread(
             HFBackend.load, path, args.device, args.dtype,
             max_batch=args.max_concurrency, kv_cache_tokens=args.kv_cache_tokens, prefill_chunk=args.prefill_chunk,
+            engine=args.engine, slot_length=args.slot_length, cuda_graphs=args.cuda_graphs,
         )
     prompts = PromptBuilder(backend.tokenizer, args.conv_template)
     if not prompts.can_chat:

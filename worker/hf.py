@@ -126,6 +126,8 @@ class HFBackend:
             prefill_chunk=prefill_chunk,
             cache_arg="cache" if "cache" in params else "past_key_values",
         )
+        if slot_length is not None and not 2 <= slot_length <= self.context_length:
+            raise ValueError(f"slot length must be between 2 and the model's context length {self.context_length}")
         if engine == "slots":
             # each row holds a whole request: the context length, or the budget's share per row
             slot_length = slot_length or min(self.context_length, max(budget // max_batch, 2))
