@@ -26,6 +26,7 @@ import datetime
 import gc
 import json
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -90,7 +91,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_generate(model, device: str, prompts: list[list[int]], output_len: int) -> tuple[float, int]:
+def run_generate(model, device: str, prompts: list[list[int]], output_len: int) -> tuple[float, int, None]:
     input_ids = torch.tensor(prompts, device=device)
     config = copy.deepcopy(model.generation_config)
     config.eos_token_id = None  # run to max_new_tokens, like the engines' ignore_eos, with no extra processor
@@ -101,16 +102,23 @@ def run_generate(model, device: str, prompts: list[list[int]], output_len: int) 
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
     sync(device)
     assert out.shape[1] == input_ids.shape[1] + output_len, "generate() ended early"
-    return time.perf_counter() - start, output_len
+    return time.perf_counter() - start, output_len, None  # generate() streams nothing: no TTFT
 
 
-def run_engine(engine, prompts: list[list[int]], output_len: int) -> tuple[float, int]:
+def run_engine(engine, prompts: list[list[int]], output_len: int) -> tuple[float, int, float]:
     from ..worker.backend import Sampling
 
     sampling = Sampling(max_tokens=output_len, temperature=0.0, ignore_eos=True)
 
+    first_token: list[float] = []
+
     async def one(ids):
-        return [e.token_id async for e in engine.generate(ids, sampling)]
+        out = []
+        async for event in engine.generate(ids, sampling):
+            if not out:
+                first_token.append(time.perf_counter() - start)
+            out.append(event.token_id)
+        return out
 
     async def all_of_them():
         return await asyncio.gather(*[one(p) for p in prompts])
@@ -120,7 +128,25 @@ def run_engine(engine, prompts: list[list[int]], output_len: int) -> tuple[float
     outputs = asyncio.run(all_of_them())
     elapsed = time.perf_counter() - start
     assert all(len(o) == output_len for o in outputs), "a request ended early"
-    return elapsed, engine.steps - steps
+    return elapsed, engine.steps - steps, statistics.median(first_token)
+
+
+def profiled(enabled: bool, device: str, fn, *args):
+    """fn(*args), under torch.profiler when enabled: prints the ops that took the most device
+    (or CPU) time and how busy the device was."""
+    if not enabled:
+        return fn(*args)
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        result = fn(*args)
+    averages = prof.key_averages()
+    key = "self_device_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    busy = sum(getattr(e, key, 0) for e in averages) / 1e6
+    print(averages.table(sort_by=key, row_limit=12))
+    print(f"{key}: {busy:.3f} s of {result[0]:.3f} s wall ({100 * busy / result[0]:.0f}%)")
+    return result
 
 
 def measure(args, model, device: str, name: str, concurrency: int) -> dict:
@@ -129,12 +155,12 @@ def measure(args, model, device: str, name: str, concurrency: int) -> dict:
     prompts = torch.randint(10, vocab, (concurrency, args.input_len), generator=generator).tolist()
     if name == "generate":
         run_generate(model, device, prompts, args.output_len)  # warm-up
-        elapsed, steps = run_generate(model, device, prompts, args.output_len)
+        elapsed, steps, ttft = profiled(args.profile, device, run_generate, model, device, prompts, args.output_len)
     else:
         engine = make_engine(name, model, device, concurrency, args.input_len + args.output_len, args.prefill_chunk)
         try:
             run_engine(engine, prompts, args.output_len)  # warm-up (and graph capture)
-            elapsed, steps = run_engine(engine, prompts, args.output_len)
+            elapsed, steps, ttft = profiled(args.profile, device, run_engine, engine, prompts, args.output_len)
         finally:
             engine.close()
             del engine
@@ -146,6 +172,7 @@ def measure(args, model, device: str, name: str, concurrency: int) -> dict:
         "concurrency": concurrency,
         "output_tokens_per_s": round(concurrency * args.output_len / elapsed, 1),
         "ms_per_step": round(1000 * elapsed / max(steps, 1), 2),
+        "ttft_ms_p50": None if ttft is None else round(1000 * ttft, 1),
         "seconds": round(elapsed, 3),
     }
 
@@ -163,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--prefill-chunk", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", action="store_true",
+                        help="run each timed round under torch.profiler and print where the time went")
     parser.add_argument("--output", type=Path, help="append one JSON line per measurement to this file")
     parser.add_argument("--save-model", type=Path, metavar="DIR",
                         help="instead of measuring, write the model (with --tokenizer's files) to DIR, for "
@@ -189,11 +218,13 @@ def main(argv: list[str] | None = None) -> None:
         print("slots-graphs skipped: CUDA graphs need a CUDA device")
     machine = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine()
     print(f"{label} on {machine}, {model.dtype}, {args.input_len} prompt + {args.output_len} output tokens")
-    print(f"{'engine':<14}{'conc':>6}{'out tok/s':>12}{'ms/step':>10}")
+    print(f"{'engine':<14}{'conc':>6}{'out tok/s':>12}{'ms/step':>10}{'TTFT p50 ms':>13}")
     for concurrency in levels:
         for name in engines:
             row = measure(args, model, device, name, concurrency)
-            print(f"{name:<14}{concurrency:>6}{row['output_tokens_per_s']:>12}{row['ms_per_step']:>10}", flush=True)
+            ttft = "-" if row["ttft_ms_p50"] is None else row["ttft_ms_p50"]
+            print(f"{name:<14}{concurrency:>6}{row['output_tokens_per_s']:>12}{row['ms_per_step']:>10}{ttft:>13}",
+                  flush=True)
             if args.output:
                 row.update(model=label, device=machine, dtype=str(model.dtype).removeprefix("torch."),
                            input_len=args.input_len, output_len=args.output_len,

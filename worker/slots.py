@@ -12,10 +12,11 @@ step has a new shape. Here every tensor a step touches lives at a fixed address:
 - A decode step reads `[n, kv_heads, L, head_dim]` views of the cache, with L the longest
   position in the batch, and an additive mask from each row's position; new keys are written
   with one `index_copy_` per layer.
-- On CUDA, decode steps run as CUDA graphs, captured lazily for bucketed batch sizes and
-  attention lengths (`_buckets`); a step copies its token ids and positions into static buffers
-  and replays, so the Python and kernel-launch cost of the model's forward is paid once per
-  shape, not once per step. Prefill stays eager: it is one pass per prompt chunk.
+- On CUDA, decode steps run as CUDA graphs for bucketed batch sizes and attention lengths
+  (`batch_buckets`, `length_buckets`): every batch size at the shortest length is captured at
+  start, longer lengths when first needed. A step copies its token ids and positions into static
+  buffers and replays, so the Python and kernel-launch cost of the model's forward is paid once
+  per shape, not once per step. Prefill stays eager: it is one pass per prompt chunk.
 
 Scheduling, sampling and the KV budget are the padded engine's (`BatchEngine`); each request's
 prompt + max_tokens must also fit one slot.
@@ -24,6 +25,7 @@ prompt + max_tokens must also fit one slot.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -116,14 +118,20 @@ class SlotCache:
             t[target, :, :length] = t[source, :, :length]
 
 
-def _buckets(limit: int, first: list[int], step: int) -> list[int]:
-    """Sizes to capture graphs for: `first`, then multiples of `step` up to `limit`, with `limit` last."""
-    sizes = [s for s in first if s < limit]
-    size = step
+def batch_buckets(limit: int) -> list[int]:
+    """Batch sizes to capture decode graphs for: 1, 2, 4, then multiples of 8, and `limit`."""
+    sizes = [s for s in (1, 2, 4) if s < limit] + list(range(8, limit, 8))
+    return sizes + [limit]
+
+
+def length_buckets(limit: int) -> list[int]:
+    """Attention lengths to capture decode graphs for: multiples of 256 up to 1024, then growing by
+    half each time (1536, 2048, 3072, ...), and `limit`. A step reads at most half again the
+    columns it needs, with a handful of graphs per batch size even for long contexts."""
+    sizes, size = [], 256
     while size < limit:
-        if size > (sizes[-1] if sizes else 0):
-            sizes.append(size)
-        size += step
+        sizes.append(size)
+        size = size + 256 if size < 1024 else size * 3 // 2 // 256 * 256
     return sizes + [limit]
 
 
@@ -148,8 +156,8 @@ class SlotEngine(BatchEngine):
         self.graph_replays = 0  # decode steps served by a captured graph (for tests and metrics)
         self.rows_moved = 0  # rows handed to another sequence when one left from the middle
         if self.cuda_graphs:
-            self._batch_sizes = _buckets(max_batch, [1, 2, 4], 8)
-            self._lengths = _buckets(slot_length, [], 256)
+            self._batch_sizes = batch_buckets(max_batch)
+            self._lengths = length_buckets(slot_length)
             # static inputs: token ids, positions and write columns of every row
             self._static = torch.zeros(3, max_batch, dtype=torch.long, device=device)
             self._staging = torch.zeros(3, max_batch, dtype=torch.long).pin_memory()
@@ -158,12 +166,30 @@ class SlotEngine(BatchEngine):
                          prefill_chunk=prefill_chunk, cache_arg=cache_arg)
         log.info("slot KV cache: %d rows x %d tokens, %.1f MiB%s", max_batch, slot_length,
                  self.cache.bytes / 2**20, ", CUDA graphs" if self.cuda_graphs else "")
+        try:
+            self._warm_up()
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def max_request_tokens(self) -> int:
         return min(self.kv_budget_tokens, self.slot_length)
 
     # -- the engine thread -----------------------------------------------------------------------
+
+    def _warm_up(self) -> None:
+        """Capture the decode graphs of every batch size at the shortest attention length before
+        serving (on the constructing thread, while the engine thread has nothing to do yet), so
+        that the first requests do not pay for captures; longer lengths are captured when first
+        needed."""
+        if not self.cuda_graphs:
+            return
+        started = time.perf_counter()
+        with torch.inference_mode():
+            for size in reversed(self._batch_sizes):  # the largest first: the pool is sized once
+                self._capture(size, self._lengths[0])
+        log.info("captured %d decode graphs in %.1f s", len(self._graphs), time.perf_counter() - started)
 
     def _busy(self) -> bool:
         return bool(self.rows)
@@ -335,5 +361,5 @@ class SlotEngine(BatchEngine):
             logits = self._decode_pass(size, span, self._static)
         self._static.copy_(saved)
         self._graphs[(size, span)] = (graph, logits)
-        log.info("captured a decode graph for %d rows x %d columns (%d graphs)", size, span, len(self._graphs))
+        log.debug("captured a decode graph for %d rows x %d columns (%d graphs)", size, span, len(self._graphs))
         return graph, logits

@@ -22,8 +22,14 @@ timeout "${TEST_TIMEOUT:-150}" "$PY" -m pytest -q -p no:cacheprovider tests/test
 
 echo "== 2. engines"
 timeout "${ENGINE_TIMEOUT:-240}" "$PY" -m chatfabric.bench.engine --model-config "$MODEL" --device "$DEVICE" \
-    --engines generate,padded,slots,slots-graphs --concurrency "${LEVELS:-1,16,64}" --input-len 128 \
+    --engines "${ENGINES:-generate,padded,slots,slots-graphs}" --concurrency "${LEVELS:-1,16,64}" --input-len 128 \
     --output-len 64 --prefill-chunk 2048 --output "$OUT/engine.jsonl" 2>&1 | grep -v Warning
+if [ -n "${PROFILE:-}" ]; then
+    echo "== 2b. where a graph step's time goes (torch.profiler)"
+    timeout 120 "$PY" -m chatfabric.bench.engine --model-config "$MODEL" --device "$DEVICE" --engines slots-graphs \
+        --concurrency "$PROFILE" --input-len 128 --output-len 64 --prefill-chunk 2048 --profile 2>&1 \
+        | grep -v Warning | cut -c1-160
+fi
 
 echo "== 3. fabric"
 MODEL_DIR=$(mktemp -d)/$MODEL
@@ -47,6 +53,6 @@ sys.exit(1)
 EOF
 BENCH=(--base-url http://127.0.0.1:$PORT/v1 --model "$MODEL" --endpoint completions --input-len 128 --output-len 64
        --warmup 4 --output "$OUT/fabric.jsonl" --no-progress --label "chatfabric-$DEVICE")
-timeout "${FABRIC_TIMEOUT:-60}" "${CF[@]}" bench "${BENCH[@]}" --concurrency 1 --num-requests 12 2>&1 | tail -4
+timeout "${FABRIC_TIMEOUT:-60}" "${CF[@]}" bench "${BENCH[@]}" --concurrency 1 --num-requests 24 2>&1 | tail -4
 timeout "${FABRIC_TIMEOUT:-60}" "${CF[@]}" bench "${BENCH[@]}" --concurrency 16,64 --num-requests 256 2>&1 | tail -5
-grep -E "engine|graph" "$OUT/up.log" | tail -5
+grep -E "engine|graph|slot" "$OUT/up.log" | tail -5
