@@ -131,6 +131,29 @@ def run_engine(engine, prompts: list[list[int]], output_len: int) -> tuple[float
     return elapsed, engine.steps - steps, statistics.median(first_token)
 
 
+def probe_ttft(engine, vocab: int, count: int, input_len: int, seed: int) -> list[float]:
+    """Time to first token of `count` requests sent one after another, with prompt lengths drawn
+    between half and one and a half times input_len, as real traffic has: new prompt shapes."""
+    from ..worker.backend import Sampling
+
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(max(input_len // 2, 1), input_len * 3 // 2 + 1, (count,), generator=generator).tolist()
+    sampling = Sampling(max_tokens=2, temperature=0.0, ignore_eos=True)
+
+    async def one(n: int) -> float:
+        ids = torch.randint(10, vocab, (n,), generator=generator).tolist()
+        start = time.perf_counter()
+        first = None
+        async for _ in engine.generate(ids, sampling):
+            first = first or time.perf_counter() - start
+        return first
+
+    async def all_of_them():
+        return [await one(n) for n in lengths]
+
+    return asyncio.run(all_of_them())
+
+
 def profiled(enabled: bool, device: str, fn, *args):
     """fn(*args), under torch.profiler when enabled: prints the ops that took the most device
     (or CPU) time and how busy the device was."""
@@ -157,10 +180,12 @@ def measure(args, model, device: str, name: str, concurrency: int) -> dict:
         run_generate(model, device, prompts, args.output_len)  # warm-up
         elapsed, steps, ttft = profiled(args.profile, device, run_generate, model, device, prompts, args.output_len)
     else:
-        engine = make_engine(name, model, device, concurrency, args.input_len + args.output_len, args.prefill_chunk)
+        longest = args.input_len * 3 // 2 + args.output_len  # --ttft-probe's prompts are up to 1.5x input_len
+        engine = make_engine(name, model, device, concurrency, longest, args.prefill_chunk)
         try:
             run_engine(engine, prompts, args.output_len)  # warm-up (and graph capture)
             elapsed, steps, ttft = profiled(args.profile, device, run_engine, engine, prompts, args.output_len)
+            probe = probe_ttft(engine, vocab, args.ttft_probe, args.input_len, args.seed) if args.ttft_probe else []
         finally:
             engine.close()
             del engine
@@ -174,6 +199,8 @@ def measure(args, model, device: str, name: str, concurrency: int) -> dict:
         "ms_per_step": round(1000 * elapsed / max(steps, 1), 2),
         "ttft_ms_p50": None if ttft is None else round(1000 * ttft, 1),
         "seconds": round(elapsed, 3),
+        **({"probe_ttft_ms_p50": round(1000 * statistics.median(probe), 1),
+            "probe_ttft_ms_max": round(1000 * max(probe), 1)} if name != "generate" and args.ttft_probe else {}),
     }
 
 
@@ -190,6 +217,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--prefill-chunk", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ttft-probe", type=int, default=0, metavar="N",
+                        help="after each engine's run, N requests one by one with varied prompt lengths: "
+                        "their TTFT median and maximum")
+    parser.add_argument("--no-cudnn-attention", action="store_true",
+                        help="keep torch's SDPA off the cuDNN backend (for comparison)")
     parser.add_argument("--profile", action="store_true",
                         help="run each timed round under torch.profiler and print where the time went")
     parser.add_argument("--output", type=Path, help="append one JSON line per measurement to this file")
@@ -209,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     if any(c < 1 for c in levels) or args.input_len < 1 or args.output_len < 2:
         parser.error("concurrency and --input-len must be >= 1, --output-len >= 2")
 
+    if args.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     model, device, label = build_model(args)
     if args.save_model:
         save_model(model, args.save_model, args.tokenizer)
@@ -223,7 +257,9 @@ def main(argv: list[str] | None = None) -> None:
         for name in engines:
             row = measure(args, model, device, name, concurrency)
             ttft = "-" if row["ttft_ms_p50"] is None else row["ttft_ms_p50"]
-            print(f"{name:<14}{concurrency:>6}{row['output_tokens_per_s']:>12}{row['ms_per_step']:>10}{ttft:>13}",
+            probe = (f"  probe TTFT p50 {row['probe_ttft_ms_p50']} ms, max {row['probe_ttft_ms_max']} ms"
+                     if "probe_ttft_ms_p50" in row else "")
+            print(f"{name:<14}{concurrency:>6}{row['output_tokens_per_s']:>12}{row['ms_per_step']:>10}{ttft:>13}{probe}",
                   flush=True)
             if args.output:
                 row.update(model=label, device=machine, dtype=str(model.dtype).removeprefix("torch."),
