@@ -16,7 +16,8 @@ step has a new shape. Here every tensor a step touches lives at a fixed address:
   (`batch_buckets`, `length_buckets`): every batch size at the shortest length is captured at
   start, longer lengths when first needed. A step copies its token ids and positions into static
   buffers and replays, so the Python and kernel-launch cost of the model's forward is paid once
-  per shape, not once per step. Prefill stays eager: it is one pass per prompt chunk.
+  per shape, not once per step. Prefill stays eager: it is one pass per prompt chunk, run with
+  attention kernels that need no per-shape setup (`varying_shape_attention`).
 
 Scheduling, sampling and the KV budget are the padded engine's (`BatchEngine`); each request's
 prompt + max_tokens must also fit one slot.
@@ -29,7 +30,7 @@ import time
 
 import torch
 
-from .engine import BatchEngine, _Seq
+from .engine import BatchEngine, _Seq, varying_shape_attention
 
 log = logging.getLogger(__name__)
 
@@ -284,11 +285,12 @@ class SlotEngine(BatchEngine):
         last = [len(c) - 1 for c in chunks]
         keep = sorted(set(last))
         self.cache.for_prefill(seqs[0].row, len(seqs), start, width)
-        out = self.model(
-            input_ids=input_ids, position_ids=positions[None, :].expand(len(chunks), -1),
-            attention_mask=mask[None, None].expand(len(chunks), 1, -1, -1), use_cache=True,
-            logits_to_keep=torch.tensor(keep, device=self.device), **{self._cache_arg: self.cache},
-        )
+        with varying_shape_attention(self.device):
+            out = self.model(
+                input_ids=input_ids, position_ids=positions[None, :].expand(len(chunks), -1),
+                attention_mask=mask[None, None].expand(len(chunks), 1, -1, -1), use_cache=True,
+                logits_to_keep=torch.tensor(keep, device=self.device), **{self._cache_arg: self.cache},
+            )
         index = torch.tensor([keep.index(i) for i in last], device=self.device)
         return out.logits[torch.arange(len(chunks), device=self.device), index].float()
 
@@ -308,8 +310,8 @@ class SlotEngine(BatchEngine):
         if self.cuda_graphs:
             logits = self._replay(n, length, ids, positions, writes)
         else:
-            logits = self._decode_pass(
-                n, length, torch.tensor([ids, positions, writes], device=self.device))
+            with varying_shape_attention(self.device):
+                logits = self._decode_pass(n, length, torch.tensor([ids, positions, writes], device=self.device))
         self.steps += 1
         finished = [s for s, done in zip(live, self._sample_rows(live, logits)) if done]
         for seq in finished:
