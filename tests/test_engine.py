@@ -211,3 +211,51 @@ def test_chunked_prefill_matches_and_lets_others_decode(backend, prompts):
         engine.close()
     assert chunked == whole
     assert order == ["short", "long"]
+
+
+def test_a_request_longer_than_a_slot_is_refused_with_the_limit(backend, prompts):
+    if not isinstance(backend.engine, SlotEngine):
+        pytest.skip("slots only: the padded engine has no per-row limit")
+    engine = engine_like(backend, slot_length=64)
+    try:
+        async def run():
+            with pytest.raises(TooLargeForCache, match="at most 64 per request"):
+                await engine.generate(prompts[0], sampling(backend, temperature=0, max_tokens=60)).__anext__()
+            return await tokens(engine, prompts[4], sampling(backend, temperature=0, max_tokens=8, ignore_eos=True))
+
+        assert len(asyncio.run(run())) == 8
+    finally:
+        engine.close()
+
+
+def test_worker_flags_are_validated():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cli = str(Path(sys.executable).parent / "chatfabric")
+    for flags, message in [(["--slot-length", "1"], "--slot-length must be at least 2"),
+                           (["--engine", "static"], "invalid choice: 'static'")]:
+        done = subprocess.run([cli, "worker", *flags], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and message in done.stderr
+
+
+def test_engine_benchmark_tool(tmp_path, capsys):
+    import json
+
+    from chatfabric.bench import engine as engine_bench
+
+    out = tmp_path / "engines.jsonl"
+    engine_bench.main(["--model-config", "tiny", "--device", "cpu", "--concurrency", "1,3", "--input-len", "8",
+                       "--output-len", "4", "--ttft-probe", "3", "--output", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    # slots-graphs needs CUDA: skipped on CPU, and said so
+    assert "slots-graphs skipped" in capsys.readouterr().out
+    assert [(r["engine"], r["concurrency"]) for r in rows] == [
+        (e, c) for c in (1, 3) for e in ("generate", "padded", "slots")]
+    for row in rows:
+        assert row["output_tokens_per_s"] > 0 and row["ms_per_step"] > 0
+        assert (row["ttft_ms_p50"] is None) == (row["engine"] == "generate")
+        assert row["engine"] == "generate" or row["probe_ttft_ms_max"] >= row["probe_ttft_ms_p50"] > 0
+    with pytest.raises(SystemExit):
+        engine_bench.main(["--model-config", "tiny", "--engines", "bogus"])
