@@ -177,8 +177,6 @@ class SlotEngine(BatchEngine):
     def max_request_tokens(self) -> int:
         return min(self.kv_budget_tokens, self.slot_length)
 
-    # -- the engine thread -----------------------------------------------------------------------
-
     def _warm_up(self) -> None:
         """Capture the decode graphs of every batch size at the shortest attention length before
         serving (on the constructing thread, while the engine thread has nothing to do yet), so
@@ -191,6 +189,8 @@ class SlotEngine(BatchEngine):
             for size in reversed(self._batch_sizes):  # the largest first: the pool is sized once
                 self._capture(size, self._lengths[0])
         log.info("captured %d decode graphs in %.1f s", len(self._graphs), time.perf_counter() - started)
+
+    # -- the engine thread -----------------------------------------------------------------------
 
     def _busy(self) -> bool:
         return bool(self.rows)
