@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from ..worker import attention as grouped
+
 SHAPES = {
     # name: (hidden, intermediate, layers, heads, kv_heads, vocab, tied embeddings)
     "smollm2-135m": (576, 1536, 30, 9, 3, 49152, True),
@@ -176,6 +178,12 @@ def measure(args, model, device: str, name: str, concurrency: int) -> dict:
     generator = torch.Generator().manual_seed(args.seed + concurrency)
     vocab = model.get_output_embeddings().weight.shape[0]
     prompts = torch.randint(10, vocab, (concurrency, args.input_len), generator=generator).tolist()
+    # generate() runs transformers' stock attention; the engines what the worker runs (worker/hf.py)
+    if name == "generate":
+        if model.config._attn_implementation == grouped.NAME:
+            model.set_attn_implementation("sdpa")
+    else:
+        grouped.use_grouped_sdpa(model)
     if name == "generate":
         run_generate(model, device, prompts, args.output_len)  # warm-up
         elapsed, steps, ttft = profiled(args.profile, device, run_generate, model, device, prompts, args.output_len)

@@ -302,3 +302,26 @@ def test_connect_without_url_embeds_and_cleans_up(monkeypatch):
 
     port = asyncio.run(run())
     assert port_is_free("127.0.0.1", port)
+
+
+def test_grouped_sdpa_matches_transformers_sdpa_with_a_padding_mask():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from chatfabric.worker.attention import NAME, use_grouped_sdpa
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=100, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(1, 100, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, :4] = 0  # left padding: every batched step has a mask like this
+    with torch.inference_mode():
+        stock = model(input_ids=ids, attention_mask=mask).logits
+        assert use_grouped_sdpa(model) and model.config._attn_implementation == NAME
+        grouped = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(stock, grouped, atol=1e-5)
+    assert not use_grouped_sdpa(LlamaForCausalLM(LlamaConfig(  # no grouped-query attention: left as is
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+        vocab_size=100, attn_implementation="sdpa")))

@@ -12,6 +12,7 @@ from typing import AsyncIterator
 import torch
 from transformers import DynamicCache
 
+from .attention import use_grouped_sdpa
 from .backend import Sampling, TokenEvent
 from .engine import BatchEngine
 from .slots import SlotEngine
@@ -151,6 +152,7 @@ class HFBackend:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
         model.to(device).eval()
+        use_grouped_sdpa(model)
         log.info("loaded %s on %s as %s", path, device, torch_dtype)
         return cls(model, tokenizer, device, **engine_args)
 
