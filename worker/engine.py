@@ -269,6 +269,11 @@ class BatchEngine:
         if head.prefilled or len(head.prompt_ids) > self.prefill_chunk:
             self._prefill_chunk(head)
             return
+        self._prefill_group(self._take_group(room))
+
+    def _take_group(self, room: int) -> list[_Seq]:
+        """Pop the oldest waiting prompts that fit one pass: at most `room` of them, none begun,
+        `prefill_chunk` tokens in all."""
         group, budget = [], self.prefill_chunk
         for seq in self._prefilling:
             if len(group) == room or seq.prefilled or len(seq.prompt_ids) > budget:
@@ -277,7 +282,7 @@ class BatchEngine:
             budget -= len(seq.prompt_ids)
         for _ in group:
             self._prefilling.popleft()
-        self._prefill_group(group)
+        return group
 
     def _prefill_chunk(self, seq: _Seq) -> None:
         from transformers import DynamicCache

@@ -256,16 +256,10 @@ class SlotEngine(BatchEngine):
                 self._prefilling.popleft()
                 self._first_tokens([head], logits)
             return
-        group, budget = [], self.prefill_chunk
-        for seq in self._prefilling:
-            if len(group) == room or seq.prefilled or len(seq.prompt_ids) > budget:
-                break
-            group.append(seq)
-            budget -= len(seq.prompt_ids)
+        group = self._take_group(room)
         if not group:
             return
         for seq in group:
-            self._prefilling.popleft()
             self._take_row(seq)
         logits = self._prefill_pass(group, [s.prompt_ids for s in group], 0)
         for seq in group:
