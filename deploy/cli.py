@@ -9,9 +9,10 @@ import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
-from ..proto.bus import BusConfig, connect
+from ..proto.bus import BusConfig, BusLost, connect
 
 log = logging.getLogger("chatfabric")
 
@@ -42,8 +43,18 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
         "--heartbeat-timeout",
         type=float,
         default=15.0,
-        help="seconds of worker silence after the first token before a request fails with 504 (default: %(default)s)",
+        help="seconds of silence on a started request before it fails with 504, while its worker is alive "
+        "(default: %(default)s)",
     )
+    g.add_argument("--liveness-timeout", type=float, default=3.0,
+                   help="seconds without a worker's liveness beat (at least 3 of its heartbeat intervals) before "
+                   "its started requests fail with 504 worker_timeout (default: %(default)s)")
+    g.add_argument("--max-prompts", type=int, default=32,
+                   help="prompts allowed in one /v1/completions request (default: %(default)s)")
+    g.add_argument("--max-choices", type=int, default=64,
+                   help="completions (prompts x n) allowed in one request (default: %(default)s)")
+    g.add_argument("--drain-timeout", type=float, default=10.0,
+                   help="seconds responses in progress get to finish when the gateway stops (default: %(default)s)")
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
@@ -89,7 +100,10 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         choices=sorted(TEMPLATES),
         help="built-in chat template, for models without one of their own (or to override it)",
     )
-    w.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats (default: %(default)s)")
+    w.add_argument("--synthetic-delay", type=float, default=0.0,
+                   help="--backend synthetic: seconds per token, to stand in for a model's decode speed")
+    w.add_argument("--heartbeat-interval", type=float, default=1.0,
+                   help="seconds between liveness beats and per-request heartbeats (default: %(default)s)")
     w.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds running requests get to finish on shutdown")
 
 
@@ -150,6 +164,10 @@ def gateway_config(args):
         max_body_bytes=args.max_body_bytes,
         request_timeout=args.request_timeout,
         heartbeat_timeout=args.heartbeat_timeout,
+        liveness_timeout=args.liveness_timeout,
+        max_prompts=args.max_prompts,
+        max_choices=args.max_choices,
+        shutdown_grace=args.drain_timeout,
     )
 
 
@@ -193,7 +211,10 @@ async def load_worker(args):
 
         from ..worker.synthetic import SyntheticBackend
 
-        backend = SyntheticBackend(await asyncio.to_thread(AutoTokenizer.from_pretrained, str(path)))
+        if args.synthetic_delay < 0:
+            raise ValueError("--synthetic-delay must not be negative")
+        tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(path))
+        backend = SyntheticBackend(tokenizer, token_delay=args.synthetic_delay)
     else:
         backend = await asyncio.to_thread(
             HFBackend.load, path, args.device, args.dtype,
@@ -227,7 +248,7 @@ async def run_gateway(args, stop: asyncio.Event) -> None:
     from ..gateway.app import serve
 
     config = gateway_config(args)
-    async with connect(BusConfig.from_env(url=args.nats_url or DEFAULT_NATS_URL), name="gateway") as bus:
+    async with connect(BusConfig.from_env(url=args.nats_url or DEFAULT_NATS_URL), "gateway", stop) as bus:
         await serve(bus, config, stop)
 
 
@@ -236,7 +257,7 @@ async def run_worker(args, stop: asyncio.Event) -> None:
 
     backend, prompts, config = await load_worker(args)
     try:
-        async with connect(BusConfig.from_env(url=args.nats_url or DEFAULT_NATS_URL), name="worker") as bus:
+        async with connect(BusConfig.from_env(url=args.nats_url or DEFAULT_NATS_URL), "worker", stop) as bus:
             await Worker(bus, backend, prompts, config).run(stop)
     finally:
         await backend.close()
@@ -249,13 +270,17 @@ async def run_up(args, stop: asyncio.Event) -> None:
     gw_config = gateway_config(args)
     backend, prompts, wk_config = await load_worker(args)
     bus_config = BusConfig.from_env(url=args.nats_url, store_dir=args.data_dir / "nats")
+    if bus_config.url:
+        source = "--nats-url" if args.nats_url and args.nats_url != os.environ.get("NATS_URL") else "$NATS_URL"
+        log.warning("joining the existing fabric at %s (from %s) instead of starting a NATS server; "
+                    "unset NATS_URL to run everything here", bus_config.url, source)
     try:
-        async with connect(bus_config, name="chatfabric-up") as bus:
+        async with connect(bus_config, "chatfabric-up", stop) as bus:
             worker = asyncio.create_task(Worker(bus, backend, prompts, wk_config).run(stop), name="worker")
             gateway = asyncio.create_task(serve(bus, gw_config, stop), name="gateway")
             await asyncio.sleep(0.5)
             if not (worker.done() or gateway.done()):
-                print_banner(gw_config, bus.nc.connected_url, wk_config.model_name)
+                print_banner(gw_config, bus.nc.connected_url, wk_config.model_name, joined=bool(bus_config.url))
             done, _ = await asyncio.wait([worker, gateway], return_when=asyncio.FIRST_EXCEPTION)
             stop.set()
             await asyncio.gather(worker, gateway)
@@ -263,13 +288,14 @@ async def run_up(args, stop: asyncio.Event) -> None:
         await backend.close()
 
 
-def print_banner(config, nats_url, model: str) -> None:
+def print_banner(config, nats_url, model: str, joined: bool = False) -> None:
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
     base = f"http://{host}:{config.port}/v1"
     nats = f"{nats_url.scheme}://{nats_url.hostname}:{nats_url.port}"
     auth = ' -H "Authorization: Bearer $KEY"' if config.api_keys else ""
+    where = f"joined the existing fabric at {nats}" if joined else f"NATS at {nats}"
     print(
-        f"\nchatfabric is up: OpenAI-compatible API at {base} (model '{model}'), NATS at {nats}\n"
+        f"\nchatfabric is up: OpenAI-compatible API at {base} (model '{model}'), {where}\n"
         f"Try it:\n  curl {base}/chat/completions -H 'Content-Type: application/json'{auth} "
         f"-d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n"
         f"Add workers elsewhere with: NATS_URL={nats} chatfabric worker --model-path PATH\n"
@@ -281,12 +307,37 @@ def print_banner(config, nats_url, model: str) -> None:
 COMMANDS = {"up": run_up, "gateway": run_gateway, "worker": run_worker}
 
 
+SHUTDOWN_MARGIN = 15.0  # seconds beyond the configured grace before a stuck shutdown is cut short
+
+
 async def _main(args) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    grace = max(getattr(args, "shutdown_grace", 0.0), getattr(args, "drain_timeout", 0.0)) + SHUTDOWN_MARGIN
+
+    def on_signal(sig: int) -> None:
+        if stop.is_set():  # a second Ctrl-C or SIGTERM: the user does not want to wait
+            log.warning("second %s: exiting now", signal.Signals(sig).name)
+            os._exit(128 + sig)
+        log.info("%s: shutting down", signal.Signals(sig).name)
+        stop.set()
+        _exit_after(grace)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     await COMMANDS[args.command](args, stop)
+
+
+def _exit_after(seconds: float) -> None:
+    """Whatever hangs during shutdown (a broken connection, a stuck handler), the process is gone
+    within `seconds` of the signal."""
+    def cut_short() -> None:
+        log.error("shutdown did not finish within %.0fs; exiting", seconds)
+        os._exit(1)
+
+    timer = threading.Timer(seconds, cut_short)
+    timer.daemon = True
+    timer.start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"chatfabric {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BusLost as err:
+        print(f"chatfabric {args.command}: {err}; exiting so that a supervisor restarts it", file=sys.stderr)
+        return 1
     except (ConnectionError, OSError) as err:
         print(f"chatfabric {args.command}: cannot start: {err}", file=sys.stderr)
         return 1

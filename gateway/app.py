@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import uuid
 from dataclasses import dataclass
 
@@ -15,7 +14,7 @@ from .errors import APIError
 from .generations import Generations
 from .registry import Registry
 from .relay import Mailboxes
-from .routes import CONFIG, GENERATIONS, routes
+from .routes import CONFIG, GENERATIONS, check_api_key, routes
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +26,11 @@ class GatewayConfig:
     api_keys: tuple[str, ...] = ()
     max_body_bytes: int = 4 * 1024 * 1024
     request_timeout: float = 600.0  # seconds a request may wait and run in all
-    heartbeat_timeout: float = 15.0  # silence after the first token that fails a request (504)
+    heartbeat_timeout: float = 15.0  # silence on a started request that fails it (504)
+    liveness_timeout: float = 3.0  # least silence of a worker's liveness beats that counts it dead
+    max_prompts: int = 32  # prompts in one /v1/completions request
+    max_choices: int = 64  # completions (prompts x n) in one request
+    shutdown_grace: float = 10.0  # seconds running responses get to finish on shutdown
     gateway_id: str = ""
 
     def __post_init__(self) -> None:
@@ -35,8 +38,12 @@ class GatewayConfig:
             raise ValueError(f"--port must be in 0..65535, got {self.port}")
         if self.max_body_bytes < 1024:
             raise ValueError("--max-body-bytes must be at least 1024")
-        if self.request_timeout <= 0 or self.heartbeat_timeout <= 0:
+        if min(self.request_timeout, self.heartbeat_timeout, self.liveness_timeout) <= 0:
             raise ValueError("timeouts must be positive")
+        if self.max_prompts < 1 or self.max_choices < 1:
+            raise ValueError("--max-prompts and --max-choices must be at least 1")
+        if self.shutdown_grace < 0:
+            raise ValueError("--shutdown-grace must not be negative")
         if any(not k for k in self.api_keys):
             raise ValueError("API keys must not be empty strings")
         if not self.gateway_id:
@@ -61,15 +68,8 @@ async def error_middleware(request: web.Request, handler):
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler):
-    keys = request.app[CONFIG].api_keys
-    if keys and request.path.startswith("/v1/"):
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise APIError(
-                401, "Missing API key: send the header 'Authorization: Bearer <key>'.", code="invalid_api_key"
-            )
-        if not any(secrets.compare_digest(token.strip(), key) for key in keys):
-            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+    if request.path.startswith("/v1/"):
+        check_api_key(request)
     return await handler(request)
 
 
@@ -81,7 +81,7 @@ def create_app(bus: Bus, config: GatewayConfig) -> web.Application:
     app.add_routes(routes)
 
     async def fabric(app: web.Application):
-        registry = Registry(bus)
+        registry = Registry(bus, config.liveness_timeout)
         mailboxes = Mailboxes(bus, config.gateway_id)
         await registry.start()
         await mailboxes.start()
@@ -103,7 +103,8 @@ def create_app(bus: Bus, config: GatewayConfig) -> web.Application:
 async def serve(bus: Bus, config: GatewayConfig, stop: asyncio.Event) -> None:
     """Run the gateway until `stop` is set. Client disconnects cancel their handlers (and so
     their generations)."""
-    runner = web.AppRunner(create_app(bus, config), handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(create_app(bus, config), handler_cancellation=True, access_log=None,
+                           shutdown_timeout=config.shutdown_grace)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
     await site.start()

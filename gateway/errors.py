@@ -46,10 +46,13 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
     return APIError(400, message, param=param, code=code)
 
 
-def from_validation(err: ValidationError) -> APIError:
-    """The first problem of a pydantic validation error, as a 400 naming the field."""
+def from_validation(err: ValidationError, renames: dict[str, str] | None = None) -> APIError:
+    """The first problem of a pydantic validation error, as a 400 naming the field (`renames`
+    maps a field name to the one the client actually sent)."""
     first = err.errors(include_url=False)[0]
     loc = [str(p) for p in first["loc"] if not str(p).startswith("function-")]
+    if loc and renames and loc[0] in renames:
+        loc[0] = renames[loc[0]]
     param = ".".join(loc) or None
     message = first["msg"]
     if first["type"] == "missing":

@@ -5,13 +5,14 @@ client leaves before the end."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import secrets
 import time
 import uuid
 from typing import AsyncIterator
 
-from ..proto import subjects
-from ..proto.bus import Bus, PayloadTooLarge, QueueFull
+from ..proto.bus import Bus, BusUnavailable, PayloadTooLarge, QueueFull
 from ..proto.messages import (
     CancelMessage,
     DeltaChunk,
@@ -19,11 +20,12 @@ from ..proto.messages import (
     FinalChunk,
     GenerationRequest,
     HeartbeatChunk,
-    encode,
 )
 from .errors import APIError
 from .registry import Registry
 from .relay import Mailboxes
+
+log = logging.getLogger(__name__)
 
 WORKER_ERRORS = {  # error chunk code -> HTTP status
     "invalid_request": 400,
@@ -48,6 +50,9 @@ def new_traceparent(incoming: str | None) -> str:
     return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
 
 
+LIVENESS_POLL = 0.25  # seconds between checks of a started request's worker liveness
+
+
 class Generations:
     """Publishes generation requests and relays their chunks for the handlers."""
 
@@ -62,7 +67,12 @@ class Generations:
     async def check_model(self, model: str) -> None:
         if model in self.registry.models():
             return
-        if self.registry.recently_served(model) or await self.bus.model_was_served(model):
+        self._check_bus()
+        try:
+            served = self.registry.recently_served(model) or await self.bus.model_was_served(model)
+        except BusUnavailable:
+            raise _bus_unavailable() from None
+        if served:
             raise APIError(
                 503,
                 f"No worker is serving model '{model}' right now; retry shortly.",
@@ -76,6 +86,10 @@ class Generations:
             param="model",
             code="model_not_found",
         )
+
+    def _check_bus(self) -> None:
+        if self.bus.nc.is_closed:
+            raise _bus_unavailable()
 
     async def choice_stream(
         self, model: str, sampling, *, messages=None, prompt=None, traceparent: str
@@ -96,17 +110,17 @@ class Generations:
         )
         finished = False
         try:
+            self._check_bus()
             await self._publish(request)
-            async for chunk in self._relay(box, started_at):
+            async for chunk in _Relay(self, request_id, box, started_at).chunks():
                 if isinstance(chunk, FinalChunk):
                     finished = True
                 yield chunk
         finally:
             self.mailboxes.close(request_id)
-            if not finished:
-                await self.bus.nc.publish(
-                    subjects.cancel_subject(request_id), encode(CancelMessage(request_id=request_id))
-                )
+            if not finished and not self.bus.nc.is_closed:
+                with contextlib.suppress(Exception):  # best effort: the worker also has a deadline
+                    await self.bus.publish_cancel(CancelMessage(request_id=request_id))
 
     async def _publish(self, request: GenerationRequest) -> None:
         try:
@@ -125,54 +139,114 @@ class Generations:
                 f"The request is larger than the message bus accepts ({err.args[0]} bytes).",
                 code="request_too_large",
             ) from None
+        except BusUnavailable:
+            raise _bus_unavailable() from None
 
-    async def _relay(self, box: asyncio.Queue, started_at: float):
-        """Chunks of one request in order. Before the first token only the deadline counts (a
-        dead worker's request is redelivered); after it, heartbeat silence fails the request."""
-        worker: str | None = None  # the worker that produced the first token
-        expected: dict[tuple[str, int], int] = {}  # next seq per (worker, delivery attempt)
-        deadline = started_at + self.request_timeout
+
+def _bus_unavailable() -> APIError:
+    return APIError(503, "The message bus is not reachable right now; retry shortly.",
+                    code="bus_unavailable", retry_after=2)
+
+
+class _Relay:
+    """One request's chunks in order, from the worker that serves it.
+
+    Before the first token only the deadline counts: a request whose worker dies then is
+    redelivered by JetStream to another worker. The first chunk binds the request to its worker;
+    until the first token a chunk from a later delivery attempt may move it to another worker,
+    after it chunks from anyone else are dropped and logged. A started request fails within
+    seconds when its worker stops sending liveness beats (it died), and after
+    `heartbeat_timeout` of silence on the request itself (the worker lives but lost it)."""
+
+    def __init__(self, generations: Generations, request_id: str, box: asyncio.Queue, started_at: float):
+        self.g = generations
+        self.request_id = request_id
+        self.box = box
+        self.deadline = started_at + generations.request_timeout
+        self.worker: str | None = None
+        self.attempt = 0
+        self.started = False
+        self.next_seq = 0
+        self.last_chunk = started_at
+        self.reconnects_at_start = generations.bus.reconnects
+        self.dropped = 0
+
+    async def chunks(self):
         while True:
-            wait = deadline - time.monotonic()
-            if worker is not None:
-                wait = min(wait, self.heartbeat_timeout)
-            try:
-                chunk = await asyncio.wait_for(box.get(), timeout=max(wait, 0.0))
-            except asyncio.TimeoutError:
-                if worker is not None and time.monotonic() < deadline:
-                    raise APIError(
-                        504,
-                        f"The worker serving this request stopped responding "
-                        f"(no heartbeat for {self.heartbeat_timeout:.0f}s).",
-                        code="worker_timeout",
-                    ) from None
-                raise APIError(
-                    504,
-                    f"The request did not complete within {self.request_timeout:.0f}s.",
-                    code="timeout",
-                ) from None
-            if worker is not None and chunk.worker_id != worker:
-                continue  # a late duplicate from a worker that lost the request
-            source = (chunk.worker_id, chunk.attempt)
-            if chunk.seq != expected.get(source, 0):
-                raise APIError(
-                    502,
-                    f"Lost part of the token stream (expected chunk {expected.get(source, 0)}, got {chunk.seq}).",
-                    code="stream_gap",
-                )
-            expected[source] = chunk.seq + 1
+            chunk = await self._next()
+            if not self._accept(chunk):
+                continue
             if isinstance(chunk, HeartbeatChunk):
-                if chunk.started and worker is None:
-                    worker = chunk.worker_id
+                self.started = self.started or chunk.started
                 continue
             if isinstance(chunk, ErrorChunk):
-                if chunk.code == "worker_shutdown" and worker is None:
+                if chunk.code == "worker_shutdown" and not self.started:
                     continue  # handed back before its first token: another worker takes it
                 raise APIError(WORKER_ERRORS[chunk.code], chunk.message, param=chunk.param, code=chunk.code)
-            worker = chunk.worker_id
+            self.started = True
             yield chunk
             if isinstance(chunk, FinalChunk):
                 return
+
+    async def _next(self):
+        while True:
+            now = time.monotonic()
+            if now >= self.deadline:
+                raise APIError(504, f"The request did not complete within {self.g.request_timeout:.0f}s.",
+                               code="timeout")
+            wait = min(self.deadline - now, LIVENESS_POLL) if self.started else self.deadline - now
+            try:
+                return await asyncio.wait_for(self.box.get(), timeout=max(wait, 0.0))
+            except asyncio.TimeoutError:
+                if self.started:
+                    self._check_worker_alive()
+
+    def _check_worker_alive(self) -> None:
+        registry = self.g.registry
+        silent = registry.silence(self.worker)
+        if silent is not None and silent > registry.liveness_timeout(self.worker):
+            raise APIError(
+                504,
+                f"The worker serving this request stopped responding (no sign of life for {silent:.1f}s); "
+                "it has probably died.",
+                code="worker_timeout",
+            )
+        quiet = time.monotonic() - self.last_chunk
+        if quiet > self.g.heartbeat_timeout:
+            raise APIError(
+                504,
+                f"The worker serving this request stopped responding (no heartbeat for {quiet:.0f}s).",
+                code="worker_timeout",
+            )
+
+    def _accept(self, chunk) -> bool:
+        """Bind to the first worker that answers; drop chunks from anyone else. A seq gap fails
+        the request rather than returning text with a hole."""
+        rebind = not self.started and chunk.attempt > self.attempt
+        if self.worker is not None and chunk.worker_id != self.worker and not rebind:
+            self.dropped += 1
+            if self.dropped == 1:
+                log.warning("request %s: dropped a chunk from %r, which does not serve it (bound to %r)",
+                            self.request_id, chunk.worker_id, self.worker)
+            return False
+        if self.worker is None or rebind:
+            self.worker, self.attempt, self.next_seq = chunk.worker_id, chunk.attempt, 0
+        if chunk.attempt != self.attempt:
+            return False  # a late chunk of an earlier attempt by the same worker
+        if chunk.seq != self.next_seq:
+            raise self._gap(chunk.seq)
+        self.next_seq += 1
+        self.last_chunk = time.monotonic()
+        return True
+
+    def _gap(self, got: int) -> APIError:
+        lost = f"expected chunk {self.next_seq}, got {got}"
+        if self.g.bus.reconnects != self.reconnects_at_start:
+            message = (f"Part of the token stream was lost while the connection to the message bus was "
+                       f"re-established ({lost}).")
+        else:
+            message = f"Lost part of the token stream ({lost})."
+        return APIError(502, message, code="stream_gap")
 
 
 async def merge_choices(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from nats.aio.msg import Msg
@@ -23,12 +24,12 @@ class Mailboxes:
         self._sub = None
 
     async def start(self) -> None:
-        prefix = subjects.reply_prefix(self.gateway_id)
-        self._sub = await self._bus.nc.subscribe(f"{prefix}.*", cb=self._on_chunk)
+        self._sub = await self._bus.subscribe_replies(self.gateway_id, self._on_chunk)
 
     async def stop(self) -> None:
         if self._sub is not None:
-            await self._sub.unsubscribe()
+            with contextlib.suppress(Exception):  # a closed connection has no subscription left
+                await self._sub.unsubscribe()
 
     def open(self, request_id: str) -> tuple[str, asyncio.Queue]:
         box: asyncio.Queue = asyncio.Queue()

@@ -4,6 +4,7 @@ chunks out."""
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections import defaultdict
 from typing import AsyncIterator
@@ -12,6 +13,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from ..proto.messages import DeltaChunk, FinalChunk, Usage
+from ..proto.subjects import check_model_name
 from .errors import APIError, from_validation, invalid
 from .generations import Generations, merge_choices, new_request_id, new_traceparent
 from .schemas import ChatCompletionRequest, CompletionRequest, _Common
@@ -37,19 +39,69 @@ async def read_json(request: web.Request) -> dict:
     except web.HTTPRequestEntityTooLarge:
         raise APIError(413, f"Request body exceeds the limit of {limit} bytes.", code="request_too_large") from None
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_refuse_constant)
     except (ValueError, UnicodeDecodeError) as err:
         raise invalid(f"Request body is not valid JSON: {err}") from None
+    except RecursionError:
+        raise invalid("Request body is nested too deeply.") from None
     if not isinstance(body, dict):
         raise invalid("Request body must be a JSON object.")
     return body
 
 
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def parse(model_cls: type[_Common], body: dict) -> _Common:
+    """Validate an OpenAI body and the sampling parameters of each of its choices."""
     try:
-        return model_cls.model_validate(body)
+        parsed = model_cls.model_validate(body)
+        for index in range(parsed.n):
+            parsed.sampling(index)
     except ValidationError as err:
-        raise from_validation(err) from None
+        raise from_validation(err, renames=_renames(body)) from None
+    except RecursionError:
+        raise invalid("Request body is nested too deeply.") from None
+    return parsed
+
+
+def _renames(body: dict) -> dict[str, str]:
+    """SamplingParams says max_tokens where the client may have sent max_completion_tokens."""
+    return {"max_tokens": "max_completion_tokens"} if body.get("max_completion_tokens") is not None else {}
+
+
+def check_limits(body: _Common, config, max_model_len: int) -> None:
+    """Bound the work one request can ask for: prompts, choices and forced tokens."""
+    prompts = len(body.prompts()) if isinstance(body, CompletionRequest) else 1
+    if prompts > config.max_prompts:
+        raise invalid(f"At most {config.max_prompts} prompts are allowed per request, got {prompts}.",
+                      param="prompt")
+    if prompts * body.n > config.max_choices:
+        raise invalid(
+            f"This request asks for {prompts * body.n} completions ({prompts} prompts x n={body.n}); "
+            f"at most {config.max_choices} are allowed per request.",
+            param="n",
+        )
+    if body.min_tokens >= max_model_len:
+        raise invalid(
+            f"min_tokens ({body.min_tokens}) must be less than the model's context length ({max_model_len}).",
+            param="min_tokens",
+        )
+
+
+def check_api_key(request: web.Request) -> None:
+    """Raise 401 unless API keys are off or the request carries one of them."""
+    keys = request.app[CONFIG].api_keys
+    if not keys:
+        return
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise APIError(
+            401, "Missing API key: send the header 'Authorization: Bearer <key>'.", code="invalid_api_key"
+        )
+    if not any(secrets.compare_digest(token.strip().encode(), key.encode()) for key in keys):
+        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
 
 
 # -- response shapes ------------------------------------------------------------------------
@@ -200,6 +252,7 @@ async def accept(request: web.Request, model_cls: type[_Common]):
     body = parse(model_cls, await read_json(request))
     generations = request.app[GENERATIONS]
     await generations.check_model(body.model)
+    check_limits(body, request.app[CONFIG], generations.registry.max_model_len(body.model))
     return body, generations, new_traceparent(request.headers.get("traceparent"))
 
 
@@ -252,6 +305,10 @@ async def list_models(request: web.Request) -> web.Response:
 @routes.get("/v1/models/{model:.+}")
 async def get_model(request: web.Request) -> web.Response:
     name = request.match_info["model"]
+    try:
+        check_model_name(name)
+    except ValueError as err:
+        raise invalid(f"Invalid model name: {err}.", param="model") from None
     generations = request.app[GENERATIONS]
     await generations.check_model(name)
     return web.json_response(model_object(name, generations.registry.models()[name]))
@@ -259,17 +316,25 @@ async def get_model(request: web.Request) -> web.Response:
 
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
+    """Status for anyone (load balancers, probes); worker details only for API key holders
+    when keys are configured."""
     generations = request.app[GENERATIONS]
-    connected = generations.bus.nc.is_connected
-    cards = generations.registry.live_cards()
-    body = {
-        "status": "ok" if connected else "degraded",
-        "nats": "connected" if connected else "disconnected",
-        "models": sorted(generations.registry.models()),
-        "workers": [
-            {**c.model_dump(include={"worker_id", "backend", "device", "capacity", "in_flight"}),
+    connected = generations.bus.connected
+    body = {"status": "ok" if connected else "degraded", "nats": "connected" if connected else "disconnected"}
+    if _may_see_details(request):
+        body["models"] = sorted(generations.registry.models())
+        body["workers"] = [
+            {**c.model_dump(include={"worker_id", "backend", "device", "capacity", "in_flight",
+                                     "kv_cache_tokens", "kv_free_tokens"}),
              "models": [m.name for m in c.models]}
-            for c in cards
-        ],
-    }
+            for c in generations.registry.live_cards()
+        ]
     return web.json_response(body, status=200 if connected else 503)
+
+
+def _may_see_details(request: web.Request) -> bool:
+    try:
+        check_api_key(request)
+    except APIError:
+        return False
+    return True

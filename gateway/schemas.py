@@ -1,5 +1,9 @@
 """OpenAI request bodies as pydantic models. Unknown fields are accepted and ignored; known
-fields are checked, and features the fabric does not implement are refused by name."""
+fields are checked, and features the fabric does not implement are refused by name.
+
+The sampling fields are only typed here: their rules live in one place, `SamplingParams` in
+`proto/messages.py`, which `sampling()` builds (the gateway validates every choice's parameters
+before it publishes anything, so a bad value is a 400 naming its field, never a 500)."""
 
 from __future__ import annotations
 
@@ -7,10 +11,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..proto.messages import ChatMessage, SamplingParams
+from ..proto.messages import ChatMessage, ModelName, SamplingParams, Text, TokenId
 
 MAX_N = 16
-MAX_STOP = 16
 
 
 class StreamOptions(BaseModel):
@@ -21,44 +24,32 @@ class StreamOptions(BaseModel):
 class _Common(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    model: str = Field(min_length=1)
+    model: ModelName
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None
     # Extensions also understood by vLLM (pass them with the SDK's extra_body):
-    top_k: int | None = Field(default=None, ge=-1)
-    min_tokens: int = Field(default=0, ge=0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    top_k: int | None = None
+    min_tokens: int = 0
+    repetition_penalty: float | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
 
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, value):
-        stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop sequences are allowed")
-        if any(s == "" for s in stops):
-            raise ValueError("stop sequences must not be empty strings")
-        return stops
-
     @field_validator("logit_bias")
     @classmethod
-    def _bias(cls, value):
-        for token, bias in (value or {}).items():
-            if not token.lstrip("-").isdigit():
+    def _bias_keys(cls, value):
+        for token in value or {}:
+            if not token.strip().lstrip("-").isdigit():
                 raise ValueError(f"logit_bias keys must be token ids, got {token!r}")
-            if not -100 <= bias <= 100:
-                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
         return value
 
     @model_validator(mode="after")
@@ -72,7 +63,9 @@ class _Common(BaseModel):
 
     def sampling(self, index: int) -> SamplingParams:
         """Sampling parameters of choice `index` (a seeded request gets seed + index per choice,
-        so the choices of one request differ while the whole request stays reproducible)."""
+        so the choices of one request differ while the whole request stays reproducible).
+        Raises pydantic's ValidationError, located at the OpenAI field name."""
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
         return SamplingParams(
             max_tokens=self.effective_max_tokens(),
             temperature=self.temperature,
@@ -83,7 +76,7 @@ class _Common(BaseModel):
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             seed=None if self.seed is None else self.seed + index,
-            stop=tuple(self.stop or ()),
+            stop=tuple(stop),
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos,
             logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
@@ -97,13 +90,13 @@ class _Common(BaseModel):
 class _TextPart(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: str
-    text: str | None = None
+    text: Text | None = None
 
 
 class _InMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[_TextPart] | None = None
+    content: Text | list[_TextPart] | None = None
 
     def to_chat(self, index: int) -> ChatMessage:
         content = self.content
@@ -122,7 +115,7 @@ class _InMessage(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[_InMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[Any] | None = None
@@ -142,15 +135,15 @@ class ChatCompletionRequest(_Common):
         return self
 
     def effective_max_tokens(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def chat_messages(self) -> tuple[ChatMessage, ...]:
         return tuple(m.to_chat(i) for i, m in enumerate(self.messages))
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)  # the OpenAI default for completions
+    prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]]
+    max_tokens: int | None = 16  # the OpenAI default for completions
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None

@@ -3,6 +3,11 @@
 `connect()` joins `NATS_URL` (or a given URL) or, with neither, starts the embedded server and
 stops it on exit. `Bus.setup()` creates the GEN stream and the `workers` registry bucket
 idempotently: whoever starts first creates them, everyone else binds to them.
+
+A connection reconnects by itself for as long as it takes. One that the client library closes
+for good (the server refused it: a protocol violation, revoked credentials) is never left
+half-alive: `connect()` sets the process's stop event and raises `BusLost` on the way out, so
+the process exits non-zero and its supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -11,9 +16,9 @@ import asyncio
 import contextlib
 import logging
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 import nats.errors
 from nats.aio.client import Client as NATS
@@ -23,7 +28,7 @@ from nats.js.kv import KeyValue
 
 from . import subjects
 from .embedded import EmbeddedServer
-from .messages import GenerationRequest, WorkerCard, encode
+from .messages import AliveMessage, CancelMessage, GenerationRequest, WorkerCard, encode
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +80,21 @@ class PayloadTooLarge(Exception):
     """The message is larger than the server's max_payload."""
 
 
+class BusUnavailable(Exception):
+    """JetStream did not answer in time: the server is restarting or unreachable."""
+
+
+class BusLost(ConnectionError):
+    """The NATS connection was closed for good (not a disconnect that reconnects)."""
+
+
+# JetStream's answers while a server is (re)starting or unreachable: worth retrying.
+_TRANSIENT = (nats.errors.NoRespondersError, nats.errors.TimeoutError, asyncio.TimeoutError,
+              nats.errors.ConnectionReconnectingError)
+PUBLISH_RETRY_SECONDS = 5.0
+DRAIN_TIMEOUT = 5.0
+
+
 class Bus:
     """An open NATS connection plus the JetStream handles of the contract."""
 
@@ -83,6 +103,24 @@ class Bus:
         self.js: JetStreamContext = nc.jetstream()
         self.config = config
         self.registry: KeyValue | None = None
+        self.reconnects = 0  # how many times the connection came back after a loss
+        self._on_reconnect: list[Callable[[], Awaitable[None]]] = []
+
+    def on_reconnect(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Call `callback` each time the connection is re-established (e.g. to re-announce)."""
+        self._on_reconnect.append(callback)
+
+    async def _reconnected(self) -> None:
+        self.reconnects += 1
+        for callback in self._on_reconnect:
+            try:
+                await callback()
+            except Exception as err:  # one listener's failure must not stop the others
+                log.warning("reconnect listener failed: %s", err)
+
+    @property
+    def connected(self) -> bool:
+        return self.nc.is_connected
 
     async def setup(self) -> "Bus":
         await self._ensure_gen_stream()
@@ -140,25 +178,59 @@ class Bus:
     async def model_was_served(self, model: str) -> bool:
         """True when some worker ever created this model's consumer (it outlives its workers)."""
         try:
-            await self.js.consumer_info(subjects.GEN_STREAM, subjects.gen_consumer(model))
+            await self.js.consumer_info(subjects.GEN_STREAM, subjects.gen_consumer(model), timeout=2.0)
             return True
         except NotFoundError:
             return False
+        except _TRANSIENT as err:
+            raise BusUnavailable(f"JetStream did not answer: {type(err).__name__}") from None
 
     async def publish_request(self, request: GenerationRequest) -> None:
+        """Publish into the GEN stream, retrying for a few seconds while JetStream is not ready
+        (a server restarting); the request id as `Nats-Msg-Id` makes a retry that was in fact
+        stored the first time a no-op."""
         headers = {"Nats-Msg-Id": request.request_id}
         if request.traceparent:
             headers["traceparent"] = request.traceparent
-        try:
-            await self.js.publish(
-                subjects.gen_subject(request.model), encode(request), headers=headers
-            )
-        except APIError as err:
-            if err.err_code == ERR_MAX_MSGS_PER_SUBJECT:
-                raise QueueFull(request.model) from None
-            raise
-        except nats.errors.MaxPayloadError:
-            raise PayloadTooLarge(self.nc.max_payload) from None
+        subject = subjects.gen_subject(request.model)
+        payload = encode(request)
+        give_up = asyncio.get_running_loop().time() + PUBLISH_RETRY_SECONDS
+        delay = 0.05
+        while True:
+            try:
+                await self.js.publish(subject, payload, headers=headers, timeout=2.0)
+                return
+            except APIError as err:
+                if err.err_code == ERR_MAX_MSGS_PER_SUBJECT:
+                    raise QueueFull(request.model) from None
+                raise
+            except nats.errors.MaxPayloadError:
+                raise PayloadTooLarge(self.nc.max_payload) from None
+            except _TRANSIENT as err:
+                if self.nc.is_closed or asyncio.get_running_loop().time() + delay > give_up:
+                    raise BusUnavailable(f"JetStream did not accept the request: {type(err).__name__}") from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+
+    # -- core NATS: control and token planes -----------------------------------------------
+
+    async def publish_chunk(self, reply_to: str, chunk) -> None:
+        await self.nc.publish(reply_to, encode(chunk))
+
+    async def publish_cancel(self, cancel: CancelMessage) -> None:
+        await self.nc.publish(subjects.cancel_subject(cancel.request_id), encode(cancel))
+
+    async def publish_alive(self, alive: AliveMessage) -> None:
+        await self.nc.publish(subjects.alive_subject(alive.worker_id), encode(alive))
+
+    async def subscribe_cancels(self, callback):
+        return await self.nc.subscribe(subjects.cancel_wildcard(), cb=callback)
+
+    async def subscribe_alive(self, callback):
+        return await self.nc.subscribe(subjects.alive_wildcard(), cb=callback)
+
+    async def subscribe_replies(self, gateway_id: str, callback):
+        return await self.nc.subscribe(f"{subjects.reply_prefix(gateway_id)}.*", cb=callback)
 
     async def put_card(self, card: WorkerCard) -> None:
         await self.registry.put(card.worker_id, encode(card))
@@ -167,8 +239,22 @@ class Bus:
         await self.registry.delete(worker_id)
 
 
-async def open_connection(url: str, name: str) -> NATS:
+@dataclass
+class ConnectionWatch:
+    """What the NATS client's callbacks tell the rest of the process: reconnections (to
+    `listeners`) and a close for good (to `on_lost`, unless we are closing it ourselves)."""
+
+    name: str
+    on_lost: Callable[[str], None] | None = None
+    listeners: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    closing: bool = False
+
+
+async def open_connection(url: str, watch: ConnectionWatch | str, **options) -> NATS:
     """Connect with endless reconnects; a lost connection is logged, never fatal."""
+    if isinstance(watch, str):
+        watch = ConnectionWatch(watch)
+    name = watch.name
     nc = NATS()
 
     async def on_error(err: Exception) -> None:
@@ -180,6 +266,12 @@ async def open_connection(url: str, name: str) -> NATS:
 
     async def on_reconnect() -> None:
         log.info("nats %s: reconnected", name)
+        for callback in watch.listeners:
+            await callback()
+
+    async def on_closed() -> None:
+        if not watch.closing and watch.on_lost is not None:
+            watch.on_lost(str(nc.last_error or "closed by the server"))
 
     await nc.connect(
         url,
@@ -190,14 +282,43 @@ async def open_connection(url: str, name: str) -> NATS:
         error_cb=on_error,
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
+        closed_cb=on_closed,
+        **options,
     )
     return nc
 
 
+async def close_connection(nc: NATS, watch: ConnectionWatch | None = None, timeout: float = DRAIN_TIMEOUT) -> None:
+    """Drain (deliver what is buffered, then close) within `timeout`; close at once otherwise."""
+    if watch is not None:
+        watch.closing = True
+    if nc.is_closed:
+        return
+    try:
+        await asyncio.wait_for(nc.drain(), timeout)
+    except Exception as err:  # draining a broken connection: closing is all that is left
+        log.debug("drain failed (%s); closing", err)
+    if not nc.is_closed:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), timeout)
+
+
 @contextlib.asynccontextmanager
-async def connect(config: BusConfig | None = None, name: str = "chatfabric") -> AsyncIterator[Bus]:
-    """Join the fabric at `config.url`, or start an embedded server when there is none."""
+async def connect(config: BusConfig | None = None, name: str = "chatfabric",
+                  stop: asyncio.Event | None = None) -> AsyncIterator[Bus]:
+    """Join the fabric at `config.url`, or start an embedded server when there is none.
+
+    If the connection is closed for good while in use, `stop` is set (the process shuts down)
+    and `BusLost` is raised when the block exits."""
     config = config or BusConfig.from_env()
+    lost: list[str] = []
+
+    def on_lost(reason: str) -> None:
+        log.error("nats %s: the connection was closed for good (%s); stopping", name, reason)
+        lost.append(reason)
+        if stop is not None:
+            stop.set()
+
     server = None
     url = config.url
     if url is None:
@@ -205,12 +326,16 @@ async def connect(config: BusConfig | None = None, name: str = "chatfabric") -> 
         await asyncio.to_thread(server.start)
         url = server.url
     try:
-        nc = await open_connection(url, name)
+        watch = ConnectionWatch(name, on_lost)
+        nc = await open_connection(url, watch)
         try:
-            yield await Bus(nc, config).setup()
+            bus = Bus(nc, config)
+            watch.listeners.append(bus._reconnected)
+            yield await bus.setup()
         finally:
-            with contextlib.suppress(Exception):
-                await nc.drain()
+            await close_connection(nc, watch)
+        if lost:
+            raise BusLost(f"the NATS connection was closed: {lost[0]}")
     finally:
         if server is not None:
             await asyncio.to_thread(server.stop)

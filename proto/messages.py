@@ -9,9 +9,43 @@ from __future__ import annotations
 import time
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from .subjects import check_model_name
 
 SCHEMA_VERSION = 1
+
+MAX_STOP = 16  # stop strings per request
+MAX_STOP_CHARS = 1024  # characters per stop string
+MAX_STOP_TOKEN_IDS = 256
+MAX_LOGIT_BIAS = 1024  # tokens with a logit bias per request
+MAX_TOKEN_ID = 2**31 - 1
+INT64 = 2**63
+
+
+def _utf8(text: str) -> str:
+    """Text on the bus must encode as UTF-8: JSON lets a client send an unpaired surrogate
+    (`"\\ud800"`), which no encoder downstream accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"must be valid Unicode text (unpaired surrogate at position {err.start})") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+ModelName = Annotated[str, AfterValidator(check_model_name)]
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 
 
 class MessageError(ValueError):
@@ -24,46 +58,54 @@ class _Message(BaseModel):
 
 
 class SamplingParams(BaseModel):
-    """What the client asked of the sampler. `None` means: the model's default."""
+    """What the client asked of the sampler. `None` means: the model's default.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    The one definition of the sampling fields and their rules: the gateway builds it from an
+    OpenAI body (so a bad value is a 400 naming the field), the worker decodes it from the bus,
+    and every backend reads the same resolved values (`worker/sampling.py: resolve`)."""
 
-    max_tokens: int | None = Field(default=None, ge=1)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    max_tokens: int | None = Field(default=None, ge=1, lt=INT64)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1)
-    min_tokens: int = Field(default=0, ge=0)
+    top_k: int | None = Field(default=None, ge=-1, le=MAX_TOKEN_ID)
+    min_tokens: int = Field(default=0, ge=0, lt=INT64)
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = Field(default=None, ge=-INT64, lt=INT64)
+    stop: tuple[Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)], ...] = Field(
+        default=(), max_length=MAX_STOP
+    )
+    stop_token_ids: tuple[TokenId, ...] = Field(default=(), max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: bool = False
-    logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] = Field(default_factory=dict)
+    logit_bias: dict[TokenId, Annotated[float, Field(ge=-100.0, le=100.0)]] = Field(
+        default_factory=dict, max_length=MAX_LOGIT_BIAS
+    )
 
-    @model_validator(mode="after")
-    def _check(self) -> "SamplingParams":
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must not be empty")
-        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError("min_tokens must not exceed max_tokens")
-        return self
+    @field_validator("min_tokens")
+    @classmethod
+    def _min_within_max(cls, value: int, info: ValidationInfo) -> int:
+        max_tokens = info.data.get("max_tokens")
+        if max_tokens is not None and value > max_tokens:
+            raise ValueError(f"min_tokens ({value}) must not exceed max_tokens ({max_tokens})")
+        return value
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class GenerationRequest(_Message):
     """One generation, published on `gen.<model-token>` into the GEN stream."""
 
     request_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")
-    model: str = Field(min_length=1)
+    model: ModelName
     messages: tuple[ChatMessage, ...] | None = None
-    prompt: str | tuple[int, ...] | None = None
+    prompt: Text | tuple[TokenId, ...] | None = None
     sampling: SamplingParams = SamplingParams()
     reply_to: str = Field(min_length=1)
     deadline: float  # unix time after which the request is dropped, not served
@@ -167,9 +209,20 @@ class WorkerCard(_Message):
     started_at: float
     updated_at: float
     ttl: float = Field(gt=0, description="seconds after updated_at when this card is stale")
+    heartbeat_interval: float = Field(default=1.0, gt=0, description="seconds between its AliveMessages")
+    kv_cache_tokens: int | None = None  # its KV cache budget, when the backend has one
+    kv_free_tokens: int | None = None  # of which not reserved by running requests
 
     def alive(self, now: float | None = None) -> bool:
         return (now if now is not None else time.time()) <= self.updated_at + self.ttl
+
+
+class AliveMessage(_Message):
+    """Published by a worker on `ctl.alive.<worker_id>` every heartbeat interval, from its event
+    loop (never blocked by compute): gateways tell a dead worker from a busy one by it."""
+
+    worker_id: str
+    in_flight: int = Field(ge=0)
 
 
 class CancelMessage(_Message):

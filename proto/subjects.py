@@ -3,6 +3,11 @@
 NATS subject tokens cannot hold '.', '*', '>' or whitespace, and consumer names cannot hold '/'
 either. A model name is mapped to a token made only of [A-Za-z0-9_-] by escaping every other
 byte of its UTF-8 form as '=XX' (hex); '=' itself is escaped, so the mapping is reversible.
+
+Model names are bounded before any subject is built: a subject longer than the server's control
+line (4 KiB) makes nats-server drop the whole connection, and a consumer name longer than 255
+bytes cannot be created. `check_model_name` is the one rule; the gateway and the message models
+apply it at their edges, and `model_token` refuses anything it rejects.
 """
 
 from __future__ import annotations
@@ -12,17 +17,40 @@ import re
 GEN_STREAM = "GEN"
 GEN_PREFIX = "gen"
 CANCEL_PREFIX = "ctl.cancel"
+ALIVE_PREFIX = "ctl.alive"
 REGISTRY_BUCKET = "workers"
 INBOX_PREFIX = "_INBOX.cf"
+
+MAX_MODEL_NAME_CHARS = 256
+# The consumer name `gen-<token>` must stay within JetStream's 255-byte name limit.
+MAX_MODEL_TOKEN_CHARS = 240
 
 _SAFE = re.compile(rb"[A-Za-z0-9_-]")
 _TOKEN = re.compile(r"^(?:[A-Za-z0-9_-]|=[0-9A-F]{2})+$")
 
 
+def check_model_name(model: str) -> str:
+    """Return `model` if it can name a model on the bus; raise ValueError saying why not."""
+    if not isinstance(model, str) or not model:
+        raise ValueError("a model name must be a non-empty string")
+    if len(model) > MAX_MODEL_NAME_CHARS:
+        raise ValueError(f"a model name is at most {MAX_MODEL_NAME_CHARS} characters, got {len(model)}")
+    try:
+        encoded = model.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("a model name must be valid Unicode text (it holds an unpaired surrogate)") from None
+    escaped = sum(1 if _SAFE.match(bytes([b])) else 3 for b in encoded)
+    if escaped > MAX_MODEL_TOKEN_CHARS:
+        raise ValueError(
+            f"this model name is too long for the bus once escaped ({escaped} of at most "
+            f"{MAX_MODEL_TOKEN_CHARS} characters; letters, digits, '_' and '-' count 1, other bytes 3)"
+        )
+    return model
+
+
 def model_token(model: str) -> str:
     """Map a model name to a subject token (reversible, see `model_from_token`)."""
-    if not model:
-        raise ValueError("model name must not be empty")
+    check_model_name(model)
     out = []
     for byte in model.encode("utf-8"):
         char = bytes([byte])
@@ -62,6 +90,15 @@ def cancel_subject(request_id: str) -> str:
 
 def cancel_wildcard() -> str:
     return f"{CANCEL_PREFIX}.*"
+
+
+def alive_subject(worker_id: str) -> str:
+    """Where a worker announces, every heartbeat interval, that its process is alive."""
+    return f"{ALIVE_PREFIX}.{worker_id}"
+
+
+def alive_wildcard() -> str:
+    return f"{ALIVE_PREFIX}.*"
 
 
 def reply_prefix(gateway_id: str) -> str:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import signal
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -251,3 +252,121 @@ def test_requests_beyond_the_kv_budget_wait_in_the_stream(fabric, stack):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=400)
     assert "KV cache" in info.value.message
+
+
+# -- faults detected in seconds -----------------------------------------------------------------
+
+
+def test_a_killed_worker_fails_its_streams_within_seconds(fabric):
+    """Not the 15 s per-request heartbeat timeout: the worker's liveness beats stop, and the
+    gateway ends every started stream of it within the liveness timeout (3 s)."""
+    _, base = fabric.gateway()  # default --heartbeat-timeout 15
+    model = "killed-mid-stream"
+    worker = fabric.worker(model, "--max-concurrency", "2")
+    fabric.wait_workers(base, model, 1)
+    client = openai_client(base)
+    streams = [iter(client.completions.create(model=model, prompt=f"Story {i}:", max_tokens=3000, stream=True,
+                                              extra_body=LONG)) for i in range(2)]
+    for s in streams:
+        next(s)
+
+    def drain(stream):
+        try:
+            for _ in stream:
+                pass
+        except openai.APIError as err:
+            return time.monotonic(), str(err)
+        return time.monotonic(), "finished"
+
+    waiting = [Background(lambda s=s: drain(s)) for s in streams]
+    killed_at = time.monotonic()
+    worker.signal(signal.SIGKILL)
+    for call in waiting:
+        ended_at, outcome = call.value(timeout=60)
+        assert "probably died" in outcome
+        assert ended_at - killed_at < 5.0, f"the stream ended {ended_at - killed_at:.1f}s after the kill"
+
+
+def test_a_busy_worker_is_not_taken_for_dead(fabric, tokenizer):
+    """A long prefill beside a running stream on a 2-core CPU: the beats come from the worker's
+    event loop, not its engine thread, so nobody fails."""
+    _, base = fabric.gateway("--liveness-timeout", "1")
+    model = "busy-worker"
+    fabric.worker(model, "--max-concurrency", "3", "--heartbeat-interval", "0.3")
+    fabric.wait_workers(base, model, 1)
+    client = openai_client(base)
+    running = Background(lambda: client.completions.create(model=model, prompt="Once", max_tokens=60,
+                                                           extra_body=LONG))
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 650
+    prefills = [Background(lambda: client.completions.create(model=model, prompt=long_prompt, max_tokens=2,
+                                                             extra_body=LONG)) for _ in range(2)]
+    assert running.value(timeout=240).usage.completion_tokens == 60
+    assert [p.value(timeout=240).usage.completion_tokens for p in prefills] == [2, 2]
+
+
+async def _sse(session, base: str, model: str, max_tokens: int) -> tuple[int, str]:
+    """(status, how it ended): 'done', or the error code of an SSE error event or error body."""
+    body = {"model": model, "prompt": "x", "max_tokens": max_tokens, "stream": True}
+    async with session.post(f"{base}/v1/completions", json=body) as resp:
+        if resp.status != 200:
+            return resp.status, (await resp.json())["error"]["code"]
+        ended = "done"
+        async for line in resp.content:
+            if line.startswith(b"data: {\"error\""):
+                ended = json.loads(line[6:])["error"]["code"]
+        return 200, ended
+
+
+def test_nats_restart_costs_no_503_once_the_server_is_back(model_dir, tmp_path):
+    """Streams run through a NATS restart on the same store; requests that arrive after the
+    server is back must all be served (the workers' cards are re-put at once on reconnect, and
+    the gateway keeps a worker whose beats it hears)."""
+    import aiohttp
+
+    fab = make_fabric(model_dir, tmp_path)
+    model = "restart-model"
+    try:
+        _, base = fab.gateway()
+        fab.worker(model, "--backend", "synthetic", "--synthetic-delay", "0.02", "--max-concurrency", "64")
+        fab.wait_workers(base, model, 1)
+
+        async def scenario():
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90)) as session:
+                in_flight = [asyncio.create_task(_sse(session, base, model, 150)) for _ in range(40)]
+                await asyncio.sleep(1.0)
+                await asyncio.to_thread(fab.server.stop)
+                await asyncio.to_thread(fab.server.start)
+                await asyncio.to_thread(wait_for, lambda: _health(base) == "ok", 30, "the gateway to reconnect")
+                after = await asyncio.gather(*[_sse(session, base, model, 5) for _ in range(50)])
+                return await asyncio.gather(*in_flight), after
+
+        during, after = asyncio.run(scenario())
+    finally:
+        fab.close()
+    assert [status for status, _ in after] == [200] * 50, after
+    assert {ended for _, ended in after} == {"done"}
+    # streams caught by the restart finish, or end with what happened to them, never hang
+    assert {ended for _, ended in during} <= {"done", "stream_gap", "worker_timeout"}, during
+
+
+def _health(base: str) -> str:
+    try:
+        return http_json(f"{base}/health")["status"]
+    except urllib.error.HTTPError as err:  # 503 while NATS is away
+        return json.loads(err.read())["status"]
+    except OSError:
+        return "down"
+
+
+def test_sigterm_stops_a_gateway_whose_nats_is_gone(model_dir, tmp_path):
+    fab = make_fabric(model_dir, tmp_path)
+    try:
+        gateway, base = fab.gateway()
+        fab.server.stop()
+        wait_for(lambda: _health(base) == "degraded", 15, "the gateway to notice")
+        started = time.monotonic()
+        gateway.signal(signal.SIGTERM)
+        assert gateway.popen.wait(30) == 0
+        assert time.monotonic() - started < 15
+    finally:
+        fab.close()

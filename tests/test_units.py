@@ -43,11 +43,27 @@ from chatfabric.worker.textstream import IncrementalDetokenizer, StopMatcher
 # -- subjects ---------------------------------------------------------------------------------
 
 
-@given(st.text(min_size=1))
+@given(st.text(min_size=1, max_size=300))
 def test_model_token_round_trips_and_is_a_valid_token(name):
+    try:
+        subjects.check_model_name(name)
+    except ValueError:
+        with pytest.raises(ValueError):
+            subjects.model_token(name)
+        return
     token = subjects.model_token(name)
     assert subjects.model_from_token(token) == name
     assert all(c.isascii() and (c.isalnum() or c in "_-=") for c in token)
+    assert len(subjects.gen_consumer(name)) <= 255  # JetStream's name limit
+
+
+def test_model_names_are_bounded_before_any_subject_is_built():
+    assert subjects.model_token("a" * 240) == "a" * 240
+    for bad in ("a" * 241, "x" * 5000, "é" * 41, "a\ud800", ""):
+        with pytest.raises(ValueError):
+            subjects.gen_subject(bad)
+    with pytest.raises(ValueError, match="at most 256 characters"):
+        subjects.check_model_name("m" * 257)
 
 
 def test_model_token_examples():
@@ -289,6 +305,23 @@ def test_embedded_server_avoids_a_busy_4222():
             assert server.running
     finally:
         blocker.close()
+
+
+def test_a_connection_closed_for_good_stops_the_process(tmp_path):
+    """nats-server drops a client that sends a control line over 4 KiB, and the client library
+    does not reconnect after that: the process must stop (to be restarted), not limp on."""
+    from chatfabric.proto.bus import BusLost
+
+    async def run(server):
+        stop = asyncio.Event()
+        with pytest.raises(BusLost, match="[Cc]ontrol [Ll]ine"):
+            async with connect(BusConfig(url=server.url), "test", stop) as bus:
+                await bus.nc.publish("x." + "a" * 5000, b"")  # what an unchecked model name once did
+                await asyncio.wait_for(stop.wait(), 10)
+        assert stop.is_set()
+
+    with EmbeddedServer(port=free_port(), store_dir=tmp_path / "store") as server:
+        asyncio.run(run(server))
 
 
 def test_connect_without_url_embeds_and_cleans_up(monkeypatch):

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 
-from ..proto import subjects
 from ..proto.bus import Bus
 from ..proto.messages import (
+    AliveMessage,
     CancelMessage,
     DeltaChunk,
     ErrorChunk,
@@ -35,6 +35,7 @@ from ..proto.messages import (
     HeartbeatChunk,
     MessageError,
     ModelCard,
+    SamplingParams,
     Usage,
     WorkerCard,
     decode,
@@ -100,7 +101,7 @@ class _Reply:
         )
         self.seq += 1
         self.last_sent = time.monotonic()
-        await self._bus.nc.publish(self.reply_to, encode(chunk))
+        await self._bus.publish_chunk(self.reply_to, chunk)
 
     async def error(self, code: str, message: str, param: str | None = None) -> None:
         await self.send(ErrorChunk, code=code, message=message, param=param)
@@ -146,6 +147,9 @@ class Worker:
             started_at=self.started_at,
             updated_at=time.time(),
             ttl=self.bus.config.registry_ttl,
+            heartbeat_interval=self.config.heartbeat_interval,
+            kv_cache_tokens=getattr(self.backend, "kv_cache_tokens", None),
+            kv_free_tokens=self.backend.kv_free_tokens if hasattr(self.backend, "kv_cache_tokens") else None,
         )
 
     # -- the pull loop ---------------------------------------------------------------------
@@ -153,9 +157,11 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then shut down gracefully."""
         psub = await self.bus.ensure_consumer(self.config.model_name)
-        cancel_sub = await self.bus.nc.subscribe(subjects.cancel_wildcard(), cb=self._on_cancel)
+        cancel_sub = await self.bus.subscribe_cancels(self._on_cancel)
         await self.bus.put_card(self.card())
+        self.bus.on_reconnect(self._announce)
         card_task = asyncio.create_task(self._refresh_card(stop), name="card")
+        beat_task = asyncio.create_task(self._beat(), name="alive")
         log.info("worker %s serving %r", self.config.worker_id, self.config.model_name)
         try:
             while not stop.is_set():
@@ -171,10 +177,12 @@ class Worker:
                 for msg in msgs:
                     await self._admit(msg)
         finally:
-            await psub.unsubscribe()
-            await cancel_sub.unsubscribe()
+            for sub in (psub, cancel_sub):
+                with contextlib.suppress(Exception):  # a closed connection has nothing to undo
+                    await sub.unsubscribe()
             await self._shutdown()
             card_task.cancel()
+            beat_task.cancel()
             with contextlib.suppress(Exception):
                 await self.bus.delete_card(self.config.worker_id)
 
@@ -237,7 +245,7 @@ class Worker:
             await reply.error(
                 "context_length_exceeded" if isinstance(err, ContextTooLong) else "invalid_request",
                 str(err),
-                param="messages" if request.messages is not None else "prompt",
+                param=getattr(err, "param", None) or ("messages" if request.messages is not None else "prompt"),
             )
         except asyncio.CancelledError:
             await self._on_cancelled(msg, reply)
@@ -257,9 +265,11 @@ class Worker:
             prompt_ids = self._render(request)  # tens of microseconds: cheaper than a thread hop
         else:
             prompt_ids = await asyncio.to_thread(self._render, request)
+        room = self.backend.context_length - len(prompt_ids)
+        check_for_model(request.sampling, vocab=len(self.backend.tokenizer), room=room)
         sampling = resolve(
             request.sampling,
-            room=self.backend.context_length - len(prompt_ids),
+            room=room,
             eos_token_ids=self.backend.eos_token_ids,
             defaults=self.backend.generation_defaults,
         )
@@ -325,14 +335,32 @@ class Worker:
 
     async def _keep_alive(self, msg: Msg, reply: _Reply) -> None:
         """While a request waits for its first token, keep JetStream from redelivering it; at any
-        time, heartbeat the reply inbox when nothing else was sent for a while."""
+        time, heartbeat the reply inbox when nothing else was sent for a while. A failed send
+        (the connection is down) is retried at the next tick, never ends the keep-alive."""
         interval = self.config.heartbeat_interval
         while True:
             await asyncio.sleep(interval / 2)
-            if not reply.started:
-                await msg.in_progress()
-            if time.monotonic() - reply.last_sent >= interval:
-                await reply.send(HeartbeatChunk, started=reply.started)
+            try:
+                if not reply.started:
+                    await msg.in_progress()
+                if time.monotonic() - reply.last_sent >= interval:
+                    await reply.send(HeartbeatChunk, started=reply.started)
+            except Exception as err:
+                log.debug("keep-alive of %s failed: %s", reply.request_id, err)
+
+    async def _beat(self) -> None:
+        """Tell gateways this process is alive, every heartbeat interval, until it exits: a
+        gateway fails a started request within seconds when these stop (a killed worker)."""
+        while True:
+            try:
+                await self.bus.publish_alive(AliveMessage(worker_id=self.config.worker_id, in_flight=self.in_flight))
+            except Exception as err:
+                log.debug("liveness beat failed: %s", err)
+            await asyncio.sleep(self.config.heartbeat_interval)
+
+    async def _announce(self) -> None:
+        """After a reconnect, put the card back at once: it may have expired while NATS was down."""
+        self._card_changed.set()
 
     # -- control plane ---------------------------------------------------------------------
 
@@ -392,6 +420,28 @@ def _input_chars(request: GenerationRequest) -> int:
 
 class ContextTooLong(PromptError):
     """The prompt leaves no room for a completion."""
+
+
+class InvalidParameter(PromptError):
+    """A sampling parameter this model cannot honour; `param` names it."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def check_for_model(params: SamplingParams, *, vocab: int, room: int) -> None:
+    """The rules that need the model: token ids within its vocabulary, min_tokens within the
+    context left after the prompt."""
+    for name, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+        bad = [t for t in ids if t >= vocab]
+        if bad:
+            raise InvalidParameter(f"{name}: token ids out of range [0, {vocab}): {bad[:5]}", name)
+    if params.min_tokens > room:
+        raise InvalidParameter(
+            f"min_tokens ({params.min_tokens}) exceeds the {room} tokens left in the context after the prompt",
+            "min_tokens",
+        )
 
 
 async def _wait_any(*events: asyncio.Event) -> None:
