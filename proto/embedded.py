@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .auth import binds_beyond_loopback, write_private
+
 log = logging.getLogger(__name__)
 
 MAX_PAYLOAD = 8 * 1024 * 1024  # bytes; NATS' own default is 1 MiB
@@ -56,12 +58,16 @@ class EmbeddedServer:
 
     `port=None` takes 4222 when it is free and any free port otherwise, so a NATS that already
     listens on 4222 is never disturbed. `store_dir=None` uses a temporary folder removed on stop.
+    `authorization`, an `authorization { ... }` block (`auth.render_authorization`), makes
+    clients authenticate; the config file holding it is then written with mode 0600 and the
+    store folder made 0700. Without it the server is open, so it may only listen on loopback.
     """
 
     host: str = "127.0.0.1"
     port: int | None = None
     store_dir: Path | None = None
     max_payload: int = MAX_PAYLOAD
+    authorization: str | None = field(default=None, repr=False)
     _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _tmp: tempfile.TemporaryDirectory | None = field(default=None, init=False, repr=False)
 
@@ -70,6 +76,9 @@ class EmbeddedServer:
         return f"nats://{self.host}:{self.port}"
 
     def start(self, timeout: float = 15.0) -> "EmbeddedServer":
+        if self.authorization is None and binds_beyond_loopback(self.host):
+            raise ValueError(f"an embedded nats-server on {self.host} without an authorization block "
+                             "would let anyone on the network onto the bus")
         if self.port is None:
             self.port = 4222 if port_is_free(self.host, 4222) else free_port(self.host)
         if self.store_dir is None:
@@ -77,10 +86,15 @@ class EmbeddedServer:
             self.store_dir = Path(self._tmp.name)
         self.store_dir.mkdir(parents=True, exist_ok=True)
         conf = self.store_dir / "nats-server.conf"
-        conf.write_text(
+        text = (
             f'host: "{self.host}"\nport: {self.port}\nmax_payload: {self.max_payload}\n'
             f'jetstream {{\n  store_dir: "{self.store_dir / "jetstream"}"\n}}\n'
         )
+        if self.authorization is None:
+            conf.write_text(text)
+        else:
+            self.store_dir.chmod(0o700)
+            write_private(conf, text + self.authorization)
         self._proc = subprocess.Popen(
             [find_nats_server(), "-c", str(conf)],
             stdout=subprocess.DEVNULL,

@@ -1,0 +1,216 @@
+"""The fabric's roles as data: one NATS user per role, with least-privilege permissions.
+
+Each role (gateway, worker, arena, judge, trainer, admin) is a `Role`: the subjects it may
+publish to and subscribe to, built from the contract's names, and the inbox prefix its
+connections use. nats-py's JetStream API replies, pull fetches and watchers arrive on
+`<prefix>.>`, so a role reads its own replies and never another role's (workers cannot read the
+gateways' token plane `_INBOX.cf.>`). `auth.render_authorization` turns the roles into a
+nats-server config; `docs/security.md` explains them and what NATS cannot express.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import subjects
+
+# -- the event plane's names (they move to subjects.py with the components that use them) ----
+
+ARENA_STREAM = "ARENA"
+ARENA_PREFIX = "arena"  # arena.vote.<...>, arena.conv.<...>
+JOBS_STREAM = "JOBS"
+JOBS_PREFIX = "jobs"
+JUDGE_JOBS = "jobs.judge"
+TRAIN_JOBS = "jobs.train"
+JUDGE_CONSUMER = "judge"  # the judges' durable pull consumer on JOBS, filtered on JUDGE_JOBS
+TRAIN_CONSUMER = "trainer"  # the trainers' one, filtered on TRAIN_JOBS
+EVENTS_STREAM = "EVENTS"
+EVENTS_PREFIX = "events"
+ARTIFACTS_BUCKET = "artifacts"  # JetStream object store
+
+# -- JetStream's own subjects -------------------------------------------------------------------
+
+JS_API = "$JS.API"
+
+
+def kv_stream(bucket: str) -> str:
+    return f"KV_{bucket}"
+
+
+def obj_stream(bucket: str) -> str:
+    return f"OBJ_{bucket}"
+
+
+def _api(*tokens: str) -> str:
+    return ".".join((JS_API, *tokens))
+
+
+def _stream_admin(stream: str) -> list[str]:
+    """Create (idempotently) and look up one stream; never update, purge or delete it."""
+    return [_api("STREAM.INFO", stream), _api("STREAM.CREATE", stream)]
+
+
+def _stream_reader(stream: str) -> list[str]:
+    """Read one stream: look it up, get messages, replay it with ordered (push) consumers.
+    Consumer creation is bounded to this stream; flow-control replies go to `$JS.FC`."""
+    return [
+        _api("STREAM.INFO", stream),
+        _api("STREAM.NAMES"),  # nats-py's subscribe finds a stream by subject when not told
+        _api("STREAM.MSG.GET", stream),
+        _api("DIRECT.GET", stream),
+        _api("DIRECT.GET", stream, ">"),
+        _api("CONSUMER.CREATE", stream),
+        _api("CONSUMER.CREATE", stream, ">"),
+        _api("CONSUMER.INFO", stream, "*"),
+        f"$JS.FC.{stream}.>",
+    ]
+
+
+def _pull_consumer(stream: str, consumer: str, filter_subject: str) -> list[str]:
+    """Create, bind, fetch from and ack one durable pull consumer. nats-py creates a named
+    consumer with `$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`, and the server refuses a
+    body whose filter differs from the subject's, so this pins the filter too."""
+    return [
+        _api("CONSUMER.CREATE", stream, consumer, filter_subject),
+        _api("CONSUMER.INFO", stream, consumer),
+        _api("CONSUMER.MSG.NEXT", stream, consumer),
+        f"$JS.ACK.{stream}.{consumer}.>",
+    ]
+
+
+def _objects_reader(bucket: str) -> list[str]:
+    return _stream_reader(obj_stream(bucket))
+
+
+def _objects_writer(bucket: str) -> list[str]:
+    # Replacing or deleting an object purges its old chunks: a purge of this stream only.
+    stream = obj_stream(bucket)
+    return [*_objects_reader(bucket), *_stream_admin(stream), _api("STREAM.PURGE", stream), f"$O.{bucket}.>"]
+
+
+# -- roles ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Permissions:
+    """Subjects allowed and denied for one direction (publish or subscribe); deny wins."""
+
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Role:
+    """One NATS user of the fabric. `inbox_prefix` is what its connections pass to nats-py."""
+
+    name: str
+    summary: str
+    publish: Permissions
+    subscribe: Permissions
+    inbox_prefix: str
+    allow_responses: bool = False
+
+
+# Refused to every role but admin even if an allow list grows: nobody edits or removes streams.
+_NO_STREAM_SURGERY = (
+    _api("STREAM.UPDATE.>"),
+    _api("STREAM.DELETE.>"),
+    _api("STREAM.MSG.DELETE.>"),
+    _api("CONSUMER.DELETE.>"),
+)
+
+
+def _role(name: str, summary: str, publish: list[str], subscribe: list[str],
+          deny_publish: tuple[str, ...] = (), deny_subscribe: tuple[str, ...] = ()) -> Role:
+    inbox = f"_INBOX_{name}"
+    return Role(
+        name=name,
+        summary=summary,
+        publish=Permissions(tuple(dict.fromkeys(publish)), _NO_STREAM_SURGERY + deny_publish),
+        subscribe=Permissions(tuple(dict.fromkeys([*subscribe, f"{inbox}.>"])), deny_subscribe),
+        inbox_prefix=inbox,
+    )
+
+
+def build_roles() -> dict[str, Role]:
+    """Every role of the fabric, from the contract's subject names."""
+    gen, registry = subjects.GEN_STREAM, kv_stream(subjects.REGISTRY_BUCKET)
+    gen_all = f"{subjects.GEN_PREFIX}.>"
+    gen_one = f"{subjects.GEN_PREFIX}.*"
+    token_plane = f"{subjects.INBOX_PREFIX}.>"
+    cancel = f"{subjects.CANCEL_PREFIX}.*"
+    alive = f"{subjects.ALIVE_PREFIX}.*"
+    gateway = _role(
+        "gateway",
+        "publishes requests into GEN, reads the registry, relays token streams, sends cancels",
+        publish=[
+            *_stream_admin(gen), gen_all, _api("CONSUMER.INFO", gen, "*"),
+            # creating a bucket with limit markers first reads the account's JetStream API level
+            *_stream_admin(registry), _api("INFO"), *_stream_reader(registry),
+            cancel,
+        ],
+        subscribe=[token_plane, alive],
+        deny_publish=(token_plane, f"{subjects.ALIVE_PREFIX}.>", f"$KV.{subjects.REGISTRY_BUCKET}.>"),
+    )
+    worker = _role(
+        "worker",
+        "pulls its model's requests from GEN, streams chunks to reply inboxes, keeps its card",
+        publish=[
+            # any model's consumer: workers share one role. (`gen.*` in the create subject also
+            # matches a literal `gen.>` token; docs/security.md says what that allows.)
+            _api("STREAM.INFO", gen), *_pull_consumer(gen, "*", gen_one),
+            _api("STREAM.INFO", registry), f"$KV.{subjects.REGISTRY_BUCKET}.>",
+            token_plane, alive, *_objects_reader(ARTIFACTS_BUCKET),
+        ],
+        subscribe=[cancel],
+        deny_publish=(gen_all, f"{subjects.CANCEL_PREFIX}.>", _api("STREAM.CREATE.>"), _api("STREAM.PURGE.>")),
+        deny_subscribe=(gen_all, token_plane),
+    )
+    arena = _role(
+        "arena",
+        "records votes and conversations in ARENA, replays it, submits judge jobs",
+        publish=[
+            *_stream_admin(ARENA_STREAM), *_stream_reader(ARENA_STREAM), f"{ARENA_PREFIX}.>",
+            *_stream_admin(JOBS_STREAM), JUDGE_JOBS,
+            *_stream_reader(EVENTS_STREAM), *_objects_reader(ARTIFACTS_BUCKET),
+        ],
+        subscribe=[],
+        deny_publish=(gen_all,),
+    )
+    judge = _job_runner("judge", "takes judge jobs, publishes progress and results, writes artifacts",
+                        JUDGE_CONSUMER, JUDGE_JOBS)
+    trainer = _job_runner("trainer", "takes train jobs, publishes progress, writes adapters as artifacts",
+                          TRAIN_CONSUMER, TRAIN_JOBS)
+    admin = Role(
+        name="admin",
+        summary="everything: the all-in-one launcher (`chatfabric up`) and operators",
+        publish=Permissions((">",)),
+        subscribe=Permissions((">",)),
+        inbox_prefix="_INBOX_admin",
+    )
+    return {r.name: r for r in (admin, gateway, worker, arena, judge, trainer)}
+
+
+def _job_runner(name: str, summary: str, consumer: str, jobs: str) -> Role:
+    return _role(
+        name,
+        summary,
+        publish=[
+            *_stream_admin(JOBS_STREAM), *_pull_consumer(JOBS_STREAM, consumer, jobs),
+            *_stream_admin(EVENTS_STREAM), f"{EVENTS_PREFIX}.>",
+            *_objects_writer(ARTIFACTS_BUCKET),
+        ],
+        subscribe=[],
+        deny_publish=(f"{subjects.GEN_PREFIX}.>", f"{JOBS_PREFIX}.>"),
+    )
+
+
+ROLES: dict[str, Role] = build_roles()
+
+
+def role(name: str) -> Role:
+    """The role called `name`; a ValueError listing the roles for any other name."""
+    try:
+        return ROLES[name]
+    except KeyError:
+        raise ValueError(f"unknown role {name!r}; roles: {', '.join(ROLES)}") from None
