@@ -1,15 +1,19 @@
 """The continuous-batching engines on the real model: batched output equals solo output,
 per-request sampling inside one batch, cancellation frees the slot, the KV budget holds,
-chunked prefill changes nothing but latency. Each test runs on both engines: the padded one
-(the CPU default) and the slot one (the CUDA default, here without CUDA graphs)."""
+chunked prefill changes nothing but latency, and a failure fails only the requests it concerns
+and hands back their cache. Each test runs on both engines: the padded one (the CPU default)
+and the slot one (the CUDA default, here without CUDA graphs)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 from chatfabric.proto.messages import ChatMessage, SamplingParams
+from chatfabric.worker import engine as engine_module
+from chatfabric.worker.backend import Sampling
 from chatfabric.worker.engine import BatchEngine, KVCacheFull, TooLargeForCache
 from chatfabric.worker.hf import HFBackend
 from chatfabric.worker.prompting import PromptBuilder
@@ -44,17 +48,26 @@ def prompts(backend):
     return [builder.chat_ids([ChatMessage(role="user", content=q)]) for q in QUESTIONS]
 
 
-def engine_like(backend, **overrides) -> BatchEngine:
+def engine_like(backend, model=None, slot_length=SLOT_LENGTH, **overrides) -> BatchEngine:
     """A fresh engine of the same kind as the backend's, with some settings changed."""
     args = dict(vocab_size=backend.engine.vocab_size, device="cpu", max_batch=8, kv_budget_tokens=20_000,
                 cache_arg=backend.engine._cache_arg)
     if isinstance(backend.engine, SlotEngine):
-        return SlotEngine(backend.model, **{**args, "slot_length": SLOT_LENGTH, **overrides})
-    return BatchEngine(backend.model, **{**args, **overrides})
+        return SlotEngine(model or backend.model, **{**args, "slot_length": slot_length, **overrides})
+    return BatchEngine(model or backend.model, **{**args, **overrides})
 
 
 def is_idle(engine) -> bool:
-    return not engine._prefilling and not engine._busy()
+    return not engine._incoming and not engine._prefilling and not engine._running
+
+
+async def until_idle(engine, budget: int, timeout: float = 30.0) -> None:
+    """Wait until every KV reservation is back and the engine holds no sequence."""
+    deadline = time.monotonic() + timeout
+    while not (engine.kv_free_tokens == budget and is_idle(engine)):
+        assert time.monotonic() < deadline, (
+            f"engine not idle after {timeout}s: {engine.kv_free_tokens} of {budget} KV tokens free")
+        await asyncio.sleep(0.02)
 
 
 def sampling(backend, **params):
@@ -226,6 +239,202 @@ def test_a_request_longer_than_a_slot_is_refused_with_the_limit(backend, prompts
         assert len(asyncio.run(run())) == 8
     finally:
         engine.close()
+
+
+def test_extreme_sampling_values_give_tokens(backend, prompts):
+    engine = backend.engine
+    eos = min(backend.eos_token_ids)
+    configs = [
+        dict(temperature=1e-38), dict(temperature=1e-300), dict(temperature=5e-324),
+        dict(temperature=1.0, top_p=1e-300, seed=1),
+        dict(temperature=0.7, repetition_penalty=1e-300, seed=2),
+        dict(temperature=0.7, repetition_penalty=1e300, top_k=10**9, seed=-2**63),
+        dict(temperature=2.0, presence_penalty=-2.0, frequency_penalty=2.0, seed=2**63 - 1,
+             logit_bias={0: 100.0, -1: -100.0, 2**40: 100.0, engine.vocab_size: 100.0}),
+        dict(temperature=0.5, min_tokens=4, logit_bias={eos: 100.0}, seed=4),  # the bias pulls to a masked token
+    ]
+
+    # built as the worker's own Sampling: the values at the edges of what the request schema lets through
+    samplings = [Sampling(max_tokens=4, stop_token_ids=backend.eos_token_ids if "min_tokens" in c else frozenset(),
+                          ignore_eos="min_tokens" not in c, **c) for c in configs]
+
+    async def run():
+        budget = engine.kv_free_tokens
+        outs = await asyncio.gather(*[tokens(engine, prompts[i % len(prompts)], s) for i, s in enumerate(samplings)])
+        await until_idle(engine, budget)
+        return outs
+
+    for out in asyncio.run(run()):
+        assert len(out) == 4 and all(0 <= t < engine.vocab_size for t in out)
+
+
+POISON_SEEDS = {666: 0, 667: 2}  # seed: the output token at which that request's sampling fails
+
+
+def test_a_sequence_whose_sampling_fails_fails_alone(backend, prompts, monkeypatch):
+    engine = backend.engine
+    real_pick = engine_module.pick_token
+
+    def pick_token(logits, s, seen, counts, generated, generator):
+        if POISON_SEEDS.get(s.seed) == generated:
+            raise RuntimeError("poisoned sampling")
+        return real_pick(logits, s, seen, counts, generated, generator)
+
+    monkeypatch.setattr(engine_module, "pick_token", pick_token)
+    greedy = sampling(backend, temperature=0, max_tokens=8, ignore_eos=True)
+
+    async def poisoned(seed, prompt):
+        with pytest.raises(RuntimeError, match="poisoned sampling"):
+            await tokens(engine, prompt, sampling(backend, temperature=0.8, seed=seed, max_tokens=4, ignore_eos=True))
+
+    async def run():
+        solo = await tokens(engine, prompts[0], greedy)
+        budget = engine.kv_free_tokens
+        stream = engine.generate(prompts[0], greedy)
+        first = await stream.__anext__()
+
+        async def rest():
+            return [first.token_id] + [e.token_id async for e in stream]
+
+        ran, *_ = await asyncio.gather(rest(), *[poisoned(seed, prompts[i + 1]) for i, seed in enumerate(POISON_SEEDS)])
+        await until_idle(engine, budget)
+        after = await tokens(engine, prompts[3], sampling(backend, temperature=0, max_tokens=4, ignore_eos=True))
+        return solo, ran, after
+
+    solo, ran, after = asyncio.run(run())
+    assert ran == solo
+    assert len(after) == 4
+
+
+class Poisoned:
+    """The model, failing every forward pass whose input holds token `MARK`, and the next decode
+    pass (one token per row) once `fail_decode` is set."""
+
+    MARK = 49151  # a rare token: no test prompt holds it and no greedy output below reaches it
+
+    def __init__(self, model):
+        self.model = model
+        self.fail_decode = False
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, *, input_ids, **kwargs):
+        if (input_ids == self.MARK).any():
+            raise RuntimeError("poisoned prompt")
+        if self.fail_decode and input_ids.shape[1] == 1:
+            self.fail_decode = False
+            raise RuntimeError("poisoned decode")
+        return self.model(input_ids=input_ids, **kwargs)
+
+
+def test_a_failing_prefill_fails_only_its_prompts(backend, prompts):
+    model = Poisoned(backend.model)
+    # a short chunk: the long poisoned prompt is prefilled in chunks (and, in slots, holds a row)
+    engine = engine_like(backend, model=model, slot_length=256, prefill_chunk=16)
+    greedy = sampling(backend, temperature=0, max_tokens=8, ignore_eos=True)
+    short, long = [Poisoned.MARK] * 3, prompts[1] + [Poisoned.MARK]
+    assert len(long) > 16 and all(Poisoned.MARK not in p for p in prompts)
+    try:
+        async def poisoned(prompt):
+            with pytest.raises(RuntimeError, match="poisoned prompt"):
+                await tokens(engine, prompt, greedy)
+
+        async def run():
+            solo = await tokens(engine, prompts[4], greedy)
+            budget = engine.kv_free_tokens
+            stream = engine.generate(prompts[4], greedy)
+            first = await stream.__anext__()
+
+            async def rest():
+                return [first.token_id] + [e.token_id async for e in stream]
+
+            ran, *_ = await asyncio.gather(rest(), poisoned(short), poisoned(long))
+            await until_idle(engine, budget)
+            return solo, ran, await tokens(engine, prompts[3], greedy)
+
+        solo, ran, after = asyncio.run(run())
+    finally:
+        engine.close()
+    assert Poisoned.MARK not in solo
+    assert ran == solo
+    assert len(after) == 8
+
+
+def test_a_failing_decode_fails_its_batch_and_the_engine_goes_on(backend, prompts):
+    model = Poisoned(backend.model)
+    engine = engine_like(backend, model=model, slot_length=256)
+    short = sampling(backend, temperature=0, max_tokens=4, ignore_eos=True)
+    try:
+        async def run():
+            before = await tokens(engine, prompts[3], short)
+            budget = engine.kv_free_tokens
+            running = [engine.generate(p, sampling(backend, temperature=0, max_tokens=60, ignore_eos=True))
+                       for p in prompts[:2]]
+            for stream in running:
+                await stream.__anext__()
+            model.fail_decode = True
+            for stream in running:
+                with pytest.raises(RuntimeError, match="poisoned decode"):
+                    async for _ in stream:
+                        pass
+            await until_idle(engine, budget)
+            return before, await tokens(engine, prompts[3], short)
+
+        before, after = asyncio.run(run())
+    finally:
+        engine.close()
+    assert after == before
+
+
+def test_a_failure_while_joining_the_batch_returns_every_reservation(backend, prompts, monkeypatch):
+    engine = backend.engine
+    poison = list(prompts[2])
+    real_start = engine._start
+
+    def start(seq):
+        if seq.prompt_ids == poison:
+            raise RuntimeError("poisoned join")
+        real_start(seq)
+
+    monkeypatch.setattr(engine, "_start", start)
+
+    async def rest(stream):
+        return [e.token_id async for e in stream]
+
+    async def run():
+        budget = engine.kv_free_tokens
+        stream = engine.generate(prompts[0], sampling(backend, temperature=0, max_tokens=12, ignore_eos=True))
+        await stream.__anext__()  # running before the poisoned request arrives
+        running = asyncio.create_task(rest(stream))
+        with pytest.raises(RuntimeError, match="poisoned join"):
+            await tokens(engine, poison, sampling(backend, temperature=0, max_tokens=8, ignore_eos=True))
+        ran = (await asyncio.gather(running, return_exceptions=True))[0]
+        await until_idle(engine, budget)
+        return ran, await tokens(engine, prompts[3], sampling(backend, temperature=0, max_tokens=4, ignore_eos=True))
+
+    ran, after = asyncio.run(run())
+    if isinstance(engine, SlotEngine):
+        assert len(ran) == 11  # a slot row is its own: the running sequence never notices
+    elif isinstance(ran, Exception):
+        assert "poisoned join" in str(ran)  # joining re-lays the shared cache: the batch fails with it
+    assert len(after) == 4
+
+
+def test_closing_the_engine_fails_its_requests_and_returns_their_cache(backend, prompts):
+    engine = engine_like(backend, slot_length=256)
+
+    async def run():
+        budget = engine.kv_free_tokens
+        stream = engine.generate(prompts[0], sampling(backend, temperature=0, max_tokens=200, ignore_eos=True))
+        await stream.__anext__()
+        await asyncio.to_thread(engine.close)
+        with pytest.raises(RuntimeError, match="closed"):
+            async for _ in stream:
+                pass
+        await until_idle(engine, budget)
+
+    asyncio.run(run())
 
 
 def test_worker_flags_are_validated():

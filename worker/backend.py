@@ -13,6 +13,9 @@ from typing import AsyncIterator, Protocol
 
 from ..proto.messages import FinishReason
 
+# As in vLLM: a temperature below this only turns rounding into noise, so it samples greedily.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -37,7 +40,7 @@ class Sampling:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass(frozen=True)

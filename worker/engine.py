@@ -15,6 +15,12 @@ is written into a hole in place, otherwise the batch is re-laid with it (padded 
 length, or the batch to its length). Holes nobody fills for a few steps are compacted away, and
 columns that every row pads are trimmed, so steady traffic costs no whole-cache copies. Sampling is per sequence
 (`sampling.py`), with each request's own seeded generator.
+
+A failure fails the sequences it concerns and no others: one sequence's sampling, that sequence;
+a prefill pass, the prompts in it; a decode pass (or a re-layout of the shared cache), the running
+batch. Each of them gets the error from `generate()`, and the engine goes on serving. A sequence
+is in exactly one list at a time (`Stage`) until it is done, and its KV reservation is returned
+exactly once on every path: finished, aborted, failed, or the engine closed.
 """
 
 from __future__ import annotations
@@ -25,12 +31,13 @@ import logging
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from enum import Enum
+from typing import AsyncIterator, Callable, NamedTuple
 
 import torch
 
 from .backend import Sampling, TokenEvent
-from .sampling import make_generator, process_logits, sample
+from .sampling import make_generator, pick_token
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,15 @@ class KVCacheFull(Exception):
 
 class TooLargeForCache(ValueError):
     """The request alone needs more KV cache than the engine's whole budget."""
+
+
+class Stage(Enum):
+    """Where a sequence is: in exactly one of the engine's lists until it is done."""
+
+    SUBMITTED = "submitted"  # in `_incoming`, not yet seen by the engine thread
+    WAITING = "waiting"  # in `_prefilling` (slot engine: holding a row once its prefill began)
+    RUNNING = "running"  # in the running batch, decoding
+    DONE = "done"  # in no list; its KV reservation is returned
 
 
 @dataclass(eq=False)
@@ -62,6 +78,7 @@ class _Seq:
     generated: int = 0
     last_token: int = -1
     aborted: bool = False
+    stage: Stage = Stage.SUBMITTED
 
     def prepare(self, device: str, vocab_size: int) -> None:
         s = self.sampling
@@ -78,6 +95,14 @@ class _Seq:
         s = self.sampling
         return (s.greedy and not s.logit_bias and self.generated >= s.min_tokens and s.repetition_penalty == 1.0
                 and not s.presence_penalty and not s.frequency_penalty)
+
+
+class _Joining(NamedTuple):
+    """Freshly prefilled sequences, ready to join the running batch, with their own cache rows."""
+
+    seqs: list[_Seq]
+    cache: object
+    pads: list[int]
 
 
 @dataclass
@@ -205,31 +230,99 @@ class BatchEngine:
     # -- the engine thread -------------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not (self._closed or self._incoming or self._prefilling or self._busy()):
-                    self._cond.wait()
-                if self._closed:
-                    return
-                arrived, self._incoming = self._incoming, []
+        while (arrived := self._wait_for_work()) is not None:
+            self._accept(arrived)
             try:
-                for seq in arrived:
-                    seq.prepare(self.device, self.vocab_size)
-                    self._prefilling.append(seq)
                 self._step()
-            except Exception as err:  # a failed forward pass fails its requests, not the worker
+            except Exception as err:  # a failure that no pass could pin on its own sequences
                 log.exception("engine step failed")
                 self._fail_all(err)
+        self._fail_all(RuntimeError("the engine was closed"))
 
-    def _busy(self) -> bool:
-        return bool(self._batch.live)
+    def _wait_for_work(self) -> list[_Seq] | None:
+        """Block until there is work; the sequences submitted since the last iteration, or None
+        once the engine is closed."""
+        with self._cond:
+            while not (self._closed or self._incoming or self._prefilling or self._running):
+                self._cond.wait()
+            if self._closed:
+                return None
+            arrived, self._incoming = self._incoming, []
+            return arrived
+
+    def _accept(self, arrived: list[_Seq]) -> None:
+        for seq in arrived:
+            seq.stage = Stage.WAITING
+            self._prefilling.append(seq)
+            with self._isolated("preparing a request", [seq]):
+                seq.prepare(self.device, self.vocab_size)
+
+    @property
+    def _running(self) -> list[_Seq]:
+        """The sequences that hold a place in the running batch."""
+        return self._batch.live
 
     @torch.inference_mode()
     def _step(self) -> None:
         self._drop_aborted()
         self._prefill()
-        if self._batch.live:
-            self._decode()
+        decoding = [s for s in self._running if s.stage is Stage.RUNNING]
+        if decoding:
+            # the last first: the slot engine then frees their rows without moving any other
+            with self._isolated("decode", decoding[::-1]):
+                self._decode()
+
+    # -- where a sequence is: one place at a time, until it is done ----------------------------
+
+    @contextlib.contextmanager
+    def _isolated(self, what: str, seqs: list[_Seq]):
+        """Run a pass for `seqs`. If it raises, they fail with the error (their callers get it
+        from generate()) and leave the engine; every other sequence carries on."""
+        try:
+            yield
+        except Exception as err:
+            log.exception("%s failed; failing its %d sequence(s)", what, len(seqs))
+            self._fail(seqs, err)
+
+    def _fail(self, seqs: list[_Seq], err: Exception) -> None:
+        for seq in seqs:
+            if seq.stage is not Stage.DONE:
+                self._drop(seq)
+                seq.emit(err)
+
+    def _fail_all(self, err: Exception) -> None:
+        """Fail every sequence the engine holds and empty every list without touching the cache:
+        the last resort, for a failure no pass could pin on its own sequences, and for close."""
+        with self._cond:
+            stranded, self._incoming = self._incoming, []
+        for seq in dict.fromkeys([*stranded, *self._prefilling, *self._running]):
+            if seq.stage is not Stage.DONE:
+                self._release(seq)
+                seq.stage = Stage.DONE
+                seq.emit(err)
+        self._prefilling.clear()
+        self._clear_running()
+
+    def _clear_running(self) -> None:
+        self._batch = _Batch()
+
+    def _start(self, seq: _Seq) -> None:
+        """seq's prompt is in the running batch's cache: from waiting to running."""
+        self._prefilling.remove(seq)
+        seq.stage = Stage.RUNNING
+
+    def _drop(self, seq: _Seq) -> None:
+        """Take seq out of the engine for good: finished, aborted or failed."""
+        self._remove(seq)
+        self._release(seq)
+        seq.stage = Stage.DONE
+
+    def _remove(self, seq: _Seq) -> None:
+        # by where seq is found, not by its stage: a pass may fail half-way through moving it
+        if seq in self._prefilling:
+            self._prefilling.remove(seq)
+        if seq in self._batch.seqs:
+            self._vacate(self._batch.seqs.index(seq))
 
     def _release(self, seq: _Seq) -> None:
         """Return seq's KV reservation to the budget (once)."""
@@ -238,25 +331,20 @@ class BatchEngine:
             seq.reserved = 0
 
     def _drop_aborted(self) -> None:
-        for seq in [s for s in self._prefilling if s.aborted]:
-            self._prefilling.remove(seq)
-            self._release(seq)
-        gone = [i for i, s in enumerate(self._batch.seqs) if s is not None and s.aborted]
-        if gone:
-            self._leave(gone)
+        for seq in [s for s in dict.fromkeys([*self._prefilling, *self._running]) if s.aborted]:
+            self._drop(seq)
 
-    def _fail_all(self, err: Exception) -> None:
-        for seq in [*self._prefilling, *self._batch.live]:
-            seq.emit(err)
-            self._release(seq)
-        self._prefilling.clear()
-        self._batch = _Batch()
+    # -- prefill, sampling and the padded batch ------------------------------------------------
 
     def _forward(self, input_ids: torch.Tensor, cache, **kwargs) -> torch.Tensor:
         with varying_shape_attention(self.device):
             out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{self._cache_arg: cache},
                              **kwargs)
         return out.logits[:, -1].float()
+
+    def _chunked(self, seq: _Seq) -> bool:
+        """Whether seq's prompt is prefilled alone, a chunk per iteration."""
+        return bool(seq.prefilled) or len(seq.prompt_ids) > self.prefill_chunk
 
     def _prefill(self) -> None:
         """Up to `prefill_chunk` prompt tokens this iteration, oldest request first. Prompts that
@@ -266,25 +354,29 @@ class BatchEngine:
         if not self._prefilling or room <= 0:
             return
         head = self._prefilling[0]
-        if head.prefilled or len(head.prompt_ids) > self.prefill_chunk:
-            self._prefill_chunk(head)
-            return
-        self._prefill_group(self._take_group(room))
+        chunked = self._chunked(head)
+        seqs = [head] if chunked else self._take_group(room)
+        joining = None
+        with self._isolated("prefill", seqs):
+            joining = self._prefill_chunk(head) if chunked else self._prefill_group(seqs)
+        if joining:
+            # joining re-lays the shared cache: if that fails part-way, the cache no longer
+            # matches the running sequences either
+            with self._isolated("joining the running batch", [*joining.seqs, *self._batch.live]):
+                self._join(joining)
 
     def _take_group(self, room: int) -> list[_Seq]:
-        """Pop the oldest waiting prompts that fit one pass: at most `room` of them, none begun,
-        `prefill_chunk` tokens in all."""
+        """The oldest waiting prompts that fit one pass: at most `room` of them, none begun,
+        `prefill_chunk` tokens in all. They stay waiting until their pass is done."""
         group, budget = [], self.prefill_chunk
         for seq in self._prefilling:
             if len(group) == room or seq.prefilled or len(seq.prompt_ids) > budget:
                 break
             group.append(seq)
             budget -= len(seq.prompt_ids)
-        for _ in group:
-            self._prefilling.popleft()
         return group
 
-    def _prefill_chunk(self, seq: _Seq) -> None:
+    def _prefill_chunk(self, seq: _Seq) -> _Joining | None:
         from transformers import DynamicCache
 
         if seq.cache is None:
@@ -292,12 +384,12 @@ class BatchEngine:
         chunk = seq.prompt_ids[seq.prefilled : seq.prefilled + self.prefill_chunk]
         logits = self._forward(torch.tensor([chunk], device=self.device), seq.cache)
         seq.prefilled += len(chunk)
-        if seq.prefilled == len(seq.prompt_ids):
-            self._prefilling.popleft()
-            cache, seq.cache = seq.cache, None
-            self._admit([seq], cache, [0], logits)
+        if seq.prefilled < len(seq.prompt_ids):
+            return None
+        cache, seq.cache = seq.cache, None
+        return self._admit([seq], cache, [0], logits)
 
-    def _prefill_group(self, group: list[_Seq]) -> None:
+    def _prefill_group(self, group: list[_Seq]) -> _Joining | None:
         from transformers import DynamicCache
 
         width = max(len(s.prompt_ids) for s in group)
@@ -311,40 +403,44 @@ class BatchEngine:
         )
         for seq in group:
             seq.prefilled = len(seq.prompt_ids)
-        self._admit(group, cache, pads, logits)
+        return self._admit(group, cache, pads, logits)
 
-    def _admit(self, seqs: list[_Seq], cache, pads: list[int], logits: torch.Tensor) -> None:
-        """Sample the first token of freshly prefilled sequences; the unfinished ones join."""
-        keep = []
-        for row, finished in enumerate(self._sample_rows(seqs, logits)):
+    def _admit(self, seqs: list[_Seq], cache, pads: list[int], logits: torch.Tensor) -> _Joining | None:
+        """Sample the first token of freshly prefilled sequences; the unfinished ones are ready
+        to join the running batch (their rows of `cache`)."""
+        done = self._sample_rows(seqs, logits)
+        for seq, finished in zip(seqs, done):
             if finished:
-                self._release(seqs[row])
-            else:
-                keep.append(row)
-        if keep:
-            if len(keep) < len(seqs):
-                index = torch.tensor(keep, device=self.device)
-                for layer in cache.layers:
-                    layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
-            self._join([seqs[r] for r in keep], cache, [pads[r] for r in keep])
+                self._drop(seq)
+        keep = [row for row, finished in enumerate(done) if not finished]
+        if not keep:
+            return None
+        if len(keep) < len(seqs):
+            index = torch.tensor(keep, device=self.device)
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+        return _Joining([seqs[r] for r in keep], cache, [pads[r] for r in keep])
 
     def _sample_rows(self, seqs: list[_Seq | None], logits: torch.Tensor) -> list[bool]:
         """Sample each sequence's next token from its row of logits (None: a row to skip) and hand
-        it over; True where that sequence is finished. Plain greedy rows share one argmax, so a
+        it over; True where that sequence is done. Plain greedy rows share one argmax, so a
         batch costs one device sync, not one per row."""
         plain = [i for i, s in enumerate(seqs) if s is not None and s.plain_greedy]
         tokens = dict(zip(plain, logits[plain].argmax(-1).tolist())) if plain else {}
-        done = []
-        for i, seq in enumerate(seqs):
-            if seq is None:
-                done.append(False)
-                continue
-            token = tokens.get(i)
+        return [seq is not None and self._next_token(seq, logits[i], tokens.get(i)) for i, seq in enumerate(seqs)]
+
+    def _next_token(self, seq: _Seq, logits: torch.Tensor, token: int | None) -> bool:
+        """Sample seq's next token (unless already picked) and hand it over. True when seq is
+        done: finished, or failed alone (its caller gets the error, the batch goes on)."""
+        try:
             if token is None:
-                row = process_logits(logits[i], seq.sampling, seq.seen, seq.output_counts, seq.generated)
-                token = sample(row, seq.sampling, seq.generator)
-            done.append(self._emit(seq, token))
-        return done
+                token = pick_token(logits, seq.sampling, seq.seen, seq.output_counts, seq.generated, seq.generator)
+            return self._emit(seq, token)
+        except Exception as err:
+            log.exception("sampling failed for one sequence")
+            self._release(seq)
+            seq.emit(err)
+            return True
 
     def _emit(self, seq: _Seq, token: int) -> bool:
         seq.generated += 1
@@ -364,53 +460,72 @@ class BatchEngine:
             seq.emit(TokenEvent(token, finish))
         return finish is not None
 
-    def _join(self, seqs: list[_Seq], cache, pads: list[int]) -> None:
+    def _join(self, joining: _Joining) -> None:
         """Add prefilled sequences (rows of their own left-padded cache) to the running batch:
         into holes in place where they fit, by re-laying the batch otherwise."""
-        batch = self._batch
-        if not batch.seqs:
+        seqs, cache, pads = joining
+        if not self._batch.seqs:
             self._batch = _Batch(seqs=list(seqs), pads=list(pads), cache=cache)
-            self.max_running = max(self.max_running, len(seqs))
-            return
-        own = cache.layers[0].keys.shape[2]
-        holes, rest = batch.holes, []
-        for row, (seq, pad) in enumerate(zip(seqs, pads)):
+            for seq in seqs:
+                self._start(seq)
+        else:
+            rest = self._fill_holes(joining)
+            if rest:
+                self._append_rows(joining, rest)
+        self.max_running = max(self.max_running, len(self._batch.live))
+
+    def _fill_holes(self, joining: _Joining) -> list[int]:
+        """Write joining sequences into holes they fit, in place; the rows of `joining` left over."""
+        batch, rest = self._batch, []
+        own = joining.cache.layers[0].keys.shape[2]
+        holes = batch.holes
+        for row, (seq, pad) in enumerate(zip(joining.seqs, joining.pads)):
             length = own - pad
             if holes and length <= batch.width:
                 hole = holes.pop(0)
-                batch.write_row(hole, cache, row, length)
+                batch.write_row(hole, joining.cache, row, length)
                 batch.seqs[hole], batch.pads[hole] = seq, batch.width - length
+                self._start(seq)
                 self.holes_filled += 1
             else:
                 rest.append(row)
         if not batch.holes:
             batch.holes_since = None
-        if rest:
-            index = torch.tensor(rest, device=self.device)
-            width = batch.width
-            target = max(width, own)
-            if target > width:
-                batch.relayout(lambda t: _pad_left(t, target - width))
-                batch.pads = [p + target - width for p in batch.pads]
-            for mine, theirs in zip(batch.cache.layers, cache.layers):
-                mine.keys = torch.cat([mine.keys, _pad_left(theirs.keys.index_select(0, index), target - own)])
-                mine.values = torch.cat([mine.values, _pad_left(theirs.values.index_select(0, index), target - own)])
-            batch.seqs.extend(seqs[r] for r in rest)
-            batch.pads.extend(pads[r] + target - own for r in rest)
-        self.max_running = max(self.max_running, len(batch.live))
+        return rest
 
-    def _leave(self, rows: list[int]) -> None:
-        """Finished or aborted sequences leave holes; compact once holes wait too long."""
+    def _append_rows(self, joining: _Joining, rows: list[int]) -> None:
+        """Re-lay the batch with `rows` of `joining` added below, padded to a common width."""
+        batch, cache = self._batch, joining.cache
+        own = cache.layers[0].keys.shape[2]
+        index = torch.tensor(rows, device=self.device)
+        width = batch.width
+        target = max(width, own)
+        if target > width:
+            batch.relayout(lambda t: _pad_left(t, target - width))
+            batch.pads = [p + target - width for p in batch.pads]
+        for mine, theirs in zip(batch.cache.layers, cache.layers):
+            mine.keys = torch.cat([mine.keys, _pad_left(theirs.keys.index_select(0, index), target - own)])
+            mine.values = torch.cat([mine.values, _pad_left(theirs.values.index_select(0, index), target - own)])
+        batch.seqs.extend(joining.seqs[r] for r in rows)
+        batch.pads.extend(joining.pads[r] + target - own for r in rows)
+        for r in rows:
+            self._start(joining.seqs[r])
+
+    def _vacate(self, row: int) -> None:
+        """Leave a hole where a sequence was; an empty batch starts afresh."""
         batch = self._batch
-        for row in rows:
-            self._release(batch.seqs[row])
-            batch.seqs[row] = None
+        batch.seqs[row] = None
         if not batch.live:
             self._batch = _Batch()
-            return
-        if batch.holes_since is None:
+        elif batch.holes_since is None:
             batch.holes_since = self.steps
-        self._compact_if_stale()
+
+    def _leave(self, rows: list[int]) -> None:
+        """Finished sequences leave holes; compact once holes wait too long."""
+        for seq in [self._batch.seqs[row] for row in rows]:
+            self._drop(seq)
+        if self._batch.live:
+            self._compact_if_stale()
 
     def _compact_if_stale(self) -> None:
         batch = self._batch

@@ -19,8 +19,9 @@ step has a new shape. Here every tensor a step touches lives at a fixed address:
   per shape, not once per step. Prefill stays eager: it is one pass per prompt chunk, run with
   attention kernels that need no per-shape setup (`varying_shape_attention`).
 
-Scheduling, sampling and the KV budget are the padded engine's (`BatchEngine`); each request's
-prompt + max_tokens must also fit one slot.
+Scheduling, sampling, failure isolation and the KV budget are the padded engine's
+(`BatchEngine`); each request's prompt + max_tokens must also fit one slot. A row belongs to one
+sequence, so here a failure to join the running batch touches no other sequence.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import time
 
 import torch
 
-from .engine import BatchEngine, _Seq, varying_shape_attention
+from .engine import BatchEngine, Stage, _Seq, varying_shape_attention
 
 log = logging.getLogger(__name__)
 
@@ -192,31 +193,21 @@ class SlotEngine(BatchEngine):
 
     # -- the engine thread -----------------------------------------------------------------------
 
-    def _busy(self) -> bool:
-        return bool(self.rows)
+    @property
+    def _running(self) -> list[_Seq]:
+        """Every sequence holding a row: decoding, or prefilling its prompt in chunks."""
+        return self.rows
 
-    def _step(self) -> None:
-        with torch.inference_mode():
-            self._drop_aborted()
-            self._prefill()
-            if any(s.generated for s in self.rows):
-                self._decode()
-
-    def _drop_aborted(self) -> None:
-        for seq in [s for s in self._prefilling if s.aborted]:
-            self._prefilling.remove(seq)
-            if seq.row >= 0:
-                self._free_row(seq)
-            self._release(seq)
-        for seq in [s for s in self.rows if s.aborted]:
-            self._leave(seq)
-
-    def _fail_all(self, err: Exception) -> None:
-        for seq in {*self._prefilling, *self.rows}:
-            seq.emit(err)
-            self._release(seq)
-        self._prefilling.clear()
+    def _clear_running(self) -> None:
+        for seq in self.rows:
+            seq.row = -1
         self.rows = []
+
+    def _remove(self, seq: _Seq) -> None:
+        if seq in self._prefilling:
+            self._prefilling.remove(seq)
+        if seq.row >= 0:
+            self._free_row(seq)
 
     def _take_row(self, seq: _Seq) -> None:
         seq.row = len(self.rows)
@@ -233,38 +224,41 @@ class SlotEngine(BatchEngine):
             self.rows_moved += 1
         seq.row = -1
 
-    def _leave(self, seq: _Seq) -> None:
-        self._free_row(seq)
-        self._release(seq)
-
     def _prefill(self) -> None:
         """Like the padded engine: short prompts together (right-padded into their new rows), a
         long one alone, a chunk per step. A prompt's row is taken when its prefill starts."""
+        seqs = self._next_prefill()
+        if seqs:
+            # the last rows first: freeing them moves no other sequence's row
+            with self._isolated("prefill", seqs[::-1]):
+                self._prefill_rows(seqs)
+
+    def _next_prefill(self) -> list[_Seq]:
+        """The sequences to prefill this step, each given a row: the head alone if its prompt is
+        prefilled in chunks, else a group of short prompts; none while no row is free."""
         if not self._prefilling:
-            return
+            return []
         head = self._prefilling[0]
         room = self.max_batch - len(self.rows)
-        if head.prefilled or len(head.prompt_ids) > self.prefill_chunk:
-            if head.row < 0:
-                if not room:
-                    return
-                self._take_row(head)
-            chunk = head.prompt_ids[head.prefilled : head.prefilled + self.prefill_chunk]
-            logits = self._prefill_pass([head], [chunk], head.prefilled)
-            head.prefilled += len(chunk)
-            if head.prefilled == len(head.prompt_ids):
-                self._prefilling.popleft()
-                self._first_tokens([head], logits)
-            return
-        group = self._take_group(room)
-        if not group:
-            return
-        for seq in group:
-            self._take_row(seq)
-        logits = self._prefill_pass(group, [s.prompt_ids for s in group], 0)
-        for seq in group:
-            seq.prefilled = len(seq.prompt_ids)
-        self._first_tokens(group, logits)
+        if self._chunked(head):
+            seqs = [head] if head.row >= 0 or room else []
+        else:
+            seqs = self._take_group(room)
+        for seq in seqs:
+            if seq.row < 0:
+                self._take_row(seq)
+        return seqs
+
+    def _prefill_rows(self, seqs: list[_Seq]) -> None:
+        """One prefill pass: the next chunk of one long prompt, or several whole short ones. A
+        sequence whose prompt is done samples its first token and starts decoding."""
+        start = seqs[0].prefilled  # 0 for a group
+        chunks = [s.prompt_ids[start : start + self.prefill_chunk] for s in seqs]
+        logits = self._prefill_pass(seqs, chunks, start)
+        for seq, chunk in zip(seqs, chunks):
+            seq.prefilled += len(chunk)
+        if seqs[0].prefilled == len(seqs[0].prompt_ids):
+            self._first_tokens(seqs, logits)
 
     def _prefill_pass(self, seqs: list[_Seq], chunks: list[list[int]], start: int) -> torch.Tensor:
         """One forward pass over `chunks` (one per sequence, in consecutive rows, all starting at
@@ -289,13 +283,15 @@ class SlotEngine(BatchEngine):
         return out.logits[torch.arange(len(chunks), device=self.device), index].float()
 
     def _first_tokens(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
-        for seq, finished in zip(seqs, self._sample_rows(seqs, logits)):
-            if finished:
-                self._leave(seq)
+        for seq, done in zip(seqs, self._sample_rows(seqs, logits)):
+            if done:
+                self._drop(seq)
+            else:
+                self._start(seq)
 
     def _decode(self) -> None:
         n = len(self.rows)
-        live = [s if s.generated else None for s in self.rows]
+        live = [s if s.stage is Stage.RUNNING else None for s in self.rows]
         ids = [s.last_token if s else 0 for s in live]
         # the token fed now sits at position prompt + generated - 1
         positions = [len(s.prompt_ids) + s.generated - 1 if s else 0 for s in live]
@@ -307,9 +303,8 @@ class SlotEngine(BatchEngine):
             with varying_shape_attention(self.device):
                 logits = self._decode_pass(n, length, torch.tensor([ids, positions, writes], device=self.device))
         self.steps += 1
-        finished = [s for s, done in zip(live, self._sample_rows(live, logits)) if done]
-        for seq in finished:
-            self._leave(seq)
+        for seq in [s for s, done in zip(live, self._sample_rows(live, logits)) if done]:
+            self._drop(seq)
 
     def _decode_pass(self, n: int, length: int, inputs: torch.Tensor) -> torch.Tensor:
         """The decode forward over rows 0..n-1; `inputs` is [3, n]: token ids, positions, write
