@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -12,7 +14,18 @@ import sys
 import threading
 from pathlib import Path
 
+from ..proto.auth import (
+    CREDENTIALS_FILE,
+    NatsAuth,
+    add_auth_args,
+    auth_from_args,
+    binds_beyond_loopback,
+    ensure_credentials,
+    join_instructions,
+    render_authorization,
+)
 from ..proto.bus import BusConfig, BusLost, connect
+from ..proto.embedded import EmbeddedServer
 
 log = logging.getLogger("chatfabric")
 
@@ -115,6 +128,7 @@ def add_common_args(p: argparse.ArgumentParser, *, embedded: bool) -> None:
     )
     p.add_argument("--nats-url", default=os.environ.get("NATS_URL"), help=help_url)
     p.add_argument("--log-level", default=os.environ.get("CHATFABRIC_LOG_LEVEL", "INFO"), help="(default: %(default)s)")
+    add_auth_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_gateway_args(up)
     add_worker_args(up)
     up.add_argument("--data-dir", type=Path, default=data_dir(), help="embedded NATS storage (default: %(default)s)")
+    up.add_argument("--nats-host", default="127.0.0.1",
+                    help="address the embedded NATS server listens on (default: %(default)s, this machine only); "
+                    "beyond loopback (e.g. 0.0.0.0, for workers on other machines) it requires credentials, "
+                    "generated once into DATA_DIR/nats/nats-credentials.json")
+    up.add_argument("--nats-port", type=int, help="port of the embedded NATS server (default: 4222 when free)")
     add_common_args(up, embedded=True)
 
     gw = sub.add_parser("gateway", help="run an OpenAI-compatible gateway",
@@ -248,7 +267,8 @@ async def run_gateway(args, stop: asyncio.Event) -> None:
     from ..gateway.app import serve
 
     config = gateway_config(args)
-    async with connect(BusConfig.from_env(url=args.nats_url or DEFAULT_NATS_URL), "gateway", stop) as bus:
+    bus_config = BusConfig.from_env(url=args.nats_url or DEFAULT_NATS_URL)
+    async with connect(bus_config, "gateway", stop, auth=auth_from_args(args), role="gateway") as bus:
         await serve(bus, config, stop)
 
 
@@ -257,7 +277,8 @@ async def run_worker(args, stop: asyncio.Event) -> None:
 
     backend, prompts, config = await load_worker(args)
     try:
-        async with connect(BusConfig.from_env(url=args.nats_url or DEFAULT_NATS_URL), "worker", stop) as bus:
+        bus_config = BusConfig.from_env(url=args.nats_url or DEFAULT_NATS_URL)
+        async with connect(bus_config, "worker", stop, auth=auth_from_args(args), role="worker") as bus:
             await Worker(bus, backend, prompts, config).run(stop)
     finally:
         await backend.close()
@@ -269,36 +290,63 @@ async def run_up(args, stop: asyncio.Event) -> None:
 
     gw_config = gateway_config(args)
     backend, prompts, wk_config = await load_worker(args)
-    bus_config = BusConfig.from_env(url=args.nats_url, store_dir=args.data_dir / "nats")
-    if bus_config.url:
-        source = "--nats-url" if args.nats_url and args.nats_url != os.environ.get("NATS_URL") else "$NATS_URL"
-        log.warning("joining the existing fabric at %s (from %s) instead of starting a NATS server; "
-                    "unset NATS_URL to run everything here", bus_config.url, source)
     try:
-        async with connect(bus_config, "chatfabric-up", stop) as bus:
-            worker = asyncio.create_task(Worker(bus, backend, prompts, wk_config).run(stop), name="worker")
-            gateway = asyncio.create_task(serve(bus, gw_config, stop), name="gateway")
-            await asyncio.sleep(0.5)
-            if not (worker.done() or gateway.done()):
-                print_banner(gw_config, bus.nc.connected_url, wk_config.model_name, joined=bool(bus_config.url))
-            done, _ = await asyncio.wait([worker, gateway], return_when=asyncio.FIRST_EXCEPTION)
-            stop.set()
-            await asyncio.gather(worker, gateway)
+        async with embedded_or_joined(args) as (bus_config, auth, joining):
+            async with connect(bus_config, "chatfabric-up", stop, auth=auth, role="admin") as bus:
+                worker = asyncio.create_task(Worker(bus, backend, prompts, wk_config).run(stop), name="worker")
+                gateway = asyncio.create_task(serve(bus, gw_config, stop), name="gateway")
+                await asyncio.sleep(0.5)
+                if not (worker.done() or gateway.done()):
+                    print_banner(gw_config, bus.nc.connected_url, wk_config.model_name, joining)
+                await asyncio.wait([worker, gateway], return_when=asyncio.FIRST_EXCEPTION)
+                stop.set()
+                await asyncio.gather(worker, gateway)
     finally:
         await backend.close()
 
 
-def print_banner(config, nats_url, model: str, joined: bool = False) -> None:
+@contextlib.asynccontextmanager
+async def embedded_or_joined(args):
+    """(bus config, credentials, how remote workers join) for `up`: the fabric at --nats-url /
+    $NATS_URL when one is named (said loudly: `up` then adds to someone else's fabric), else an
+    embedded server, which requires generated credentials when it listens beyond loopback."""
+    bus_config = BusConfig.from_env(url=args.nats_url, store_dir=args.data_dir / "nats")
+    if bus_config.url:
+        source = "--nats-url" if args.nats_url != os.environ.get("NATS_URL") else "$NATS_URL"
+        log.warning("joining the existing fabric at %s (from %s) instead of starting a NATS server; "
+                    "unset NATS_URL to run everything here", bus_config.url, source)
+        yield bus_config, auth_from_args(args), f"joined the existing fabric at {bus_config.url} (from {source})"
+        return
+    store = args.data_dir / "nats"
+    server = EmbeddedServer(host=args.nats_host, port=args.nats_port, store_dir=store)
+    auth, joining = NatsAuth(), None
+    if binds_beyond_loopback(args.nats_host):
+        passwords = ensure_credentials(store)
+        server.authorization = render_authorization(passwords)
+        auth = NatsAuth.for_role("admin", passwords)
+    await asyncio.to_thread(server.start)
+    try:
+        if server.authorization is not None:
+            joining = join_instructions(server.url, passwords, store / CREDENTIALS_FILE)
+        yield dataclasses.replace(bus_config, url=server.url), auth, joining
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
+def print_banner(config, nats_url, model: str, joining: str | None) -> None:
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
     base = f"http://{host}:{config.port}/v1"
     nats = f"{nats_url.scheme}://{nats_url.hostname}:{nats_url.port}"
     auth = ' -H "Authorization: Bearer $KEY"' if config.api_keys else ""
-    where = f"joined the existing fabric at {nats}" if joined else f"NATS at {nats}"
+    if joining is None:
+        joining = (f"NATS listens on this machine only ({nats}). To add workers on other machines, start with "
+                   f"--nats-host 0.0.0.0: credentials are generated and printed here.")
     print(
-        f"\nchatfabric is up: OpenAI-compatible API at {base} (model '{model}'), {where}\n"
+        f"\nchatfabric is up: OpenAI-compatible API at {base} (model '{model}'), NATS at {nats}\n"
         f"Try it:\n  curl {base}/chat/completions -H 'Content-Type: application/json'{auth} "
-        f"-d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n"
-        f"Add workers elsewhere with: NATS_URL={nats} chatfabric worker --model-path PATH\n"
+        f"-d '{{\"model\": \"{model}\", \"temperature\": 0, "
+        f"\"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n"
+        f"{joining}\n"
         f"Press Ctrl-C to stop.\n",
         flush=True,
     )

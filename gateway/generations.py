@@ -166,6 +166,8 @@ class _Relay:
         self.worker: str | None = None
         self.attempt = 0
         self.started = False
+        self.ack_subject: str | None = None  # the bound delivery's, until its first token
+        self.handed_back = 0  # the attempt we naked because its worker died
         self.next_seq = 0
         self.last_chunk = started_at
         self.reconnects_at_start = generations.bus.reconnects
@@ -178,6 +180,7 @@ class _Relay:
                 continue
             if isinstance(chunk, HeartbeatChunk):
                 self.started = self.started or chunk.started
+                self.ack_subject = None if self.started else chunk.ack_subject
                 continue
             if isinstance(chunk, ErrorChunk):
                 if chunk.code == "worker_shutdown" and not self.started:
@@ -194,17 +197,35 @@ class _Relay:
             if now >= self.deadline:
                 raise APIError(504, f"The request did not complete within {self.g.request_timeout:.0f}s.",
                                code="timeout")
-            wait = min(self.deadline - now, LIVENESS_POLL) if self.started else self.deadline - now
+            watching = self.started or self.ack_subject is not None
+            wait = min(self.deadline - now, LIVENESS_POLL) if watching else self.deadline - now
             try:
                 return await asyncio.wait_for(self.box.get(), timeout=max(wait, 0.0))
             except asyncio.TimeoutError:
                 if self.started:
                     self._check_worker_alive()
+                elif self.ack_subject is not None and self._worker_dead():
+                    await self._hand_back()
 
-    def _check_worker_alive(self) -> None:
+    def _worker_dead(self) -> bool:
         registry = self.g.registry
         silent = registry.silence(self.worker)
-        if silent is not None and silent > registry.liveness_timeout(self.worker):
+        return silent is not None and silent > registry.liveness_timeout(self.worker)
+
+    async def _hand_back(self) -> None:
+        """The worker died before the first token: nak its delivery so that another worker gets
+        the request now (JetStream would otherwise wait for ack_wait)."""
+        if self.handed_back == self.attempt:
+            return
+        self.handed_back = self.attempt
+        log.info("request %s: worker %s died before its first token; handing the request back",
+                 self.request_id, self.worker)
+        with contextlib.suppress(Exception):
+            await self.g.bus.hand_back(self.ack_subject)
+
+    def _check_worker_alive(self) -> None:
+        silent = self.g.registry.silence(self.worker)
+        if self._worker_dead():
             raise APIError(
                 504,
                 f"The worker serving this request stopped responding (no sign of life for {silent:.1f}s); "

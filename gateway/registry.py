@@ -93,8 +93,8 @@ class Registry:
         self.ready.set()
 
     def _forget(self, worker_id: str) -> None:
+        # its last beat stays: a request still bound to this worker must see it silent, not unknown
         card = self._cards.pop(worker_id, None)
-        self._beats.pop(worker_id, None)
         if card is not None:
             for model in card.models:
                 self._last_seen[model.name] = time.time()

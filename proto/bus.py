@@ -27,6 +27,7 @@ from nats.js.errors import APIError, BadRequestError, BucketNotFoundError, NotFo
 from nats.js.kv import KeyValue
 
 from . import subjects
+from .auth import NatsAuth
 from .embedded import EmbeddedServer
 from .messages import AliveMessage, CancelMessage, GenerationRequest, WorkerCard, encode
 
@@ -123,8 +124,15 @@ class Bus:
         return self.nc.is_connected
 
     async def setup(self) -> "Bus":
-        await self._ensure_gen_stream()
-        self.registry = await self._ensure_registry()
+        try:
+            await self._ensure_gen_stream()
+            self.registry = await self._ensure_registry()
+        except _TRANSIENT as err:
+            raise ConnectionError(
+                f"JetStream did not answer while setting up the {subjects.GEN_STREAM} stream and the "
+                f"'{subjects.REGISTRY_BUCKET}' bucket ({type(err).__name__}): is JetStream enabled on the server? "
+                "On a secured fabric a worker may not create them: start a gateway (or `chatfabric up`) first"
+            ) from None
         return self
 
     async def _ensure_gen_stream(self) -> None:
@@ -220,6 +228,14 @@ class Bus:
     async def publish_cancel(self, cancel: CancelMessage) -> None:
         await self.nc.publish(subjects.cancel_subject(cancel.request_id), encode(cancel))
 
+    async def hand_back(self, ack_subject: str) -> bool:
+        """Nak a GEN delivery on behalf of a worker that died before starting it, so JetStream
+        redelivers it now rather than after `ack_wait`. Only GEN ack subjects are accepted."""
+        if not ack_subject.startswith(f"$JS.ACK.{subjects.GEN_STREAM}.") or any(c in ack_subject for c in " *>"):
+            return False
+        await self.nc.publish(ack_subject, b"-NAK")
+        return True
+
     async def publish_alive(self, alive: AliveMessage) -> None:
         await self.nc.publish(subjects.alive_subject(alive.worker_id), encode(alive))
 
@@ -305,12 +321,16 @@ async def close_connection(nc: NATS, watch: ConnectionWatch | None = None, timeo
 
 @contextlib.asynccontextmanager
 async def connect(config: BusConfig | None = None, name: str = "chatfabric",
-                  stop: asyncio.Event | None = None) -> AsyncIterator[Bus]:
+                  stop: asyncio.Event | None = None, *, auth: NatsAuth | None = None,
+                  role: str = "admin") -> AsyncIterator[Bus]:
     """Join the fabric at `config.url`, or start an embedded server when there is none.
 
-    If the connection is closed for good while in use, `stop` is set (the process shuts down)
-    and `BusLost` is raised when the block exits."""
+    `auth` holds the credentials and TLS settings (none by default); `role` is the process's
+    role on the bus (`proto/roles.py`), which picks its inbox prefix. If the connection is closed
+    for good while in use, `stop` is set (the process shuts down) and `BusLost` is raised when
+    the block exits."""
     config = config or BusConfig.from_env()
+    options = (auth or NatsAuth()).connect_options(role)
     lost: list[str] = []
 
     def on_lost(reason: str) -> None:
@@ -327,7 +347,7 @@ async def connect(config: BusConfig | None = None, name: str = "chatfabric",
         url = server.url
     try:
         watch = ConnectionWatch(name, on_lost)
-        nc = await open_connection(url, watch)
+        nc = await open_connection(url, watch, **options)
         try:
             bus = Bus(nc, config)
             watch.listeners.append(bus._reconnected)

@@ -152,10 +152,13 @@ class HeartbeatChunk(_Chunk):
     """Proof of life while a request is prefilling or between slow tokens.
 
     `started` says whether the first token was produced (and the request acked): a worker that
-    dies before that leaves the request to be redelivered; one that dies after fails it."""
+    dies before that leaves the request to be redelivered; one that dies after fails it. Until
+    then `ack_subject` is the JetStream delivery's reply subject, so that a gateway that sees
+    the worker die can hand the request back at once instead of waiting for `ack_wait`."""
 
     type: Literal["heartbeat"] = "heartbeat"
     started: bool = False
+    ack_subject: str | None = None
 
 
 FinishReason = Literal["stop", "length"]

@@ -148,6 +148,9 @@ def build_roles() -> dict[str, Role]:
             # creating a bucket with limit markers first reads the account's JetStream API level
             *_stream_admin(registry), _api("INFO"), *_stream_reader(registry),
             cancel,
+            # nak a delivery whose worker died before its first token (the worker's heartbeat
+            # carries the ack subject), so it is redelivered now rather than after ack_wait
+            f"$JS.ACK.{gen}.>",
         ],
         subscribe=[token_plane, alive],
         deny_publish=(token_plane, f"{subjects.ALIVE_PREFIX}.>", f"$KV.{subjects.REGISTRY_BUCKET}.>"),

@@ -147,7 +147,12 @@ def test_api_keys(fabric, stack):
         assert info.value.status_code == 401 and info.value.body["code"] == "invalid_api_key"
     good = OpenAI(base_url=f"{base}/v1", api_key="k-two", max_retries=0)
     assert good.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=2).usage.completion_tokens == 2
-    assert json.loads(urllib.request.urlopen(f"{base}/health", timeout=5).read())["status"] == "ok"
+    # /health tells anyone the status; which workers serve what is for key holders
+    anonymous = json.loads(urllib.request.urlopen(f"{base}/health", timeout=5).read())
+    assert anonymous == {"status": "ok", "nats": "connected"}
+    keyed = urllib.request.Request(f"{base}/health", headers={"Authorization": "Bearer k-one"})
+    detailed = json.loads(urllib.request.urlopen(keyed, timeout=5).read())
+    assert MODEL in detailed["models"] and detailed["workers"]
 
 
 async def _publish_raw(nats_url: str, model: str, payload: bytes, reply: str):

@@ -8,6 +8,7 @@ import json
 import signal
 import threading
 import time
+from collections import Counter
 import urllib.error
 import urllib.request
 
@@ -19,6 +20,7 @@ from nats.js.errors import KeyDeletedError, KeyNotFoundError
 
 from chatfabric.proto import subjects
 from chatfabric.proto.bus import BusConfig, connect
+from chatfabric.proto.messages import decode_chunk
 from conftest import MODEL, http_json, make_fabric, wait_for
 
 LONG = {"ignore_eos": True}
@@ -283,6 +285,7 @@ def test_a_killed_worker_fails_its_streams_within_seconds(fabric):
     worker.signal(signal.SIGKILL)
     for call in waiting:
         ended_at, outcome = call.value(timeout=60)
+        print(f"measured: stream ended {ended_at - killed_at:.2f}s after kill -9: {outcome}")
         assert "probably died" in outcome
         assert ended_at - killed_at < 5.0, f"the stream ended {ended_at - killed_at:.1f}s after the kill"
 
@@ -297,7 +300,7 @@ def test_a_busy_worker_is_not_taken_for_dead(fabric, tokenizer):
     client = openai_client(base)
     running = Background(lambda: client.completions.create(model=model, prompt="Once", max_tokens=60,
                                                            extra_body=LONG))
-    long_prompt = "The quick brown fox jumps over the lazy dog. " * 650
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 300  # ~3,000 tokens
     prefills = [Background(lambda: client.completions.create(model=model, prompt=long_prompt, max_tokens=2,
                                                              extra_body=LONG)) for _ in range(2)]
     assert running.value(timeout=240).usage.completion_tokens == 60
@@ -343,6 +346,8 @@ def test_nats_restart_costs_no_503_once_the_server_is_back(model_dir, tmp_path):
         during, after = asyncio.run(scenario())
     finally:
         fab.close()
+    print(f"measured: in flight during the restart: {Counter(ended for _, ended in during)}; "
+          f"after it: {Counter(status for status, _ in after)}")
     assert [status for status, _ in after] == [200] * 50, after
     assert {ended for _, ended in after} == {"done"}
     # streams caught by the restart finish, or end with what happened to them, never hang
@@ -370,3 +375,58 @@ def test_sigterm_stops_a_gateway_whose_nats_is_gone(model_dir, tmp_path):
         assert time.monotonic() - started < 15
     finally:
         fab.close()
+
+
+def test_a_request_whose_worker_dies_before_its_first_token_moves_at_once(model_dir, tmp_path, tokenizer):
+    """With ack_wait at a minute, JetStream alone would wait that long to redeliver; the gateway
+    sees the prefilling worker's beats stop and hands the delivery back within seconds."""
+    fab = make_fabric(model_dir, tmp_path, CHATFABRIC_ACK_WAIT="60")
+    model = "handed-back"
+    try:
+        _, base = fab.gateway()
+        workers = [fab.worker(model, "--max-concurrency", "1") for _ in range(2)]
+        fab.wait_workers(base, model, 2)
+        prompt = "The quick brown fox jumps over the lazy dog. " * 150  # ~1,500 tokens: seconds of prefill
+        client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=300)
+        call = Background(lambda: client.completions.with_raw_response.create(
+            model=model, prompt=prompt, max_tokens=3, extra_body=LONG))
+
+        doomed = asyncio.run(first_heartbeat(fab.nats_url, timeout=30))
+        victim = next(w for w in workers if w.popen.pid == int(doomed.split("-")[-2]))
+        killed_at = time.monotonic()
+        victim.signal(signal.SIGKILL)
+        wait_for(lambda: consumer_delivered(fab.nats_url, model) == 2, 20, "the request to be redelivered")
+        print(f"measured: redelivered {time.monotonic() - killed_at:.1f}s after the prefilling worker was killed "
+              "(ack_wait 60 s)")
+        raw = call.value(timeout=240)
+        assert raw.parse().usage.completion_tokens == 3
+        assert raw.headers["x-chatfabric-worker"] != doomed
+    finally:
+        fab.close()
+
+
+async def first_heartbeat(nats_url: str, timeout: float) -> str:
+    """Listen on the token plane until a worker heartbeats a request it has not started yet
+    (the gateway then knows where to hand it back); return that worker's id."""
+    import nats
+
+    nc = await nats.connect(nats_url)
+    try:
+        sub = await nc.subscribe(f"{subjects.INBOX_PREFIX}.>")
+        while True:
+            chunk = decode_chunk((await sub.next_msg(timeout=timeout)).data)
+            if chunk.type == "heartbeat" and chunk.ack_subject:
+                return chunk.worker_id
+    finally:
+        await nc.close()
+
+
+def consumer_delivered(nats_url: str, model: str) -> int:
+    """How many deliveries a model's consumer has made (a redelivery counts again)."""
+
+    async def read():
+        async with connect(BusConfig(url=nats_url), name="test") as bus:
+            info = await bus.js.consumer_info(subjects.GEN_STREAM, subjects.gen_consumer(model))
+            return info.delivered.consumer_seq
+
+    return asyncio.run(read())

@@ -235,3 +235,42 @@ def test_fuzz_completions(stack, model, prompt, extra, echo):
 
 def test_after_the_fuzz_the_fabric_is_healthy(stack, client):
     assert_healthy(stack, client)
+
+
+# -- the token plane --------------------------------------------------------------------------
+
+
+def test_chunks_from_anyone_but_the_serving_worker_are_dropped(stack, client, fabric):
+    """A forged chunk on a request's inbox, from another worker id, changes nothing."""
+    import asyncio
+
+    import nats
+
+    from chatfabric.proto import subjects
+    from chatfabric.proto.messages import DeltaChunk, decode_chunk, encode
+
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Name three colours."}], temperature=0,
+                  max_tokens=30)
+    expected = client.chat.completions.create(**kwargs).choices[0].message.content
+
+    async def forge_into_next_request():
+        nc = await nats.connect(fabric.nats_url)
+        try:
+            sub = await nc.subscribe(f"{subjects.INBOX_PREFIX}.>")
+            call = asyncio.create_task(asyncio.to_thread(client.chat.completions.create, **kwargs))
+            while True:
+                msg = await sub.next_msg(timeout=60)
+                chunk = decode_chunk(msg.data)
+                if chunk.type == "delta":
+                    break
+            for seq in range(chunk.seq + 1, chunk.seq + 4):
+                forged = DeltaChunk(request_id=chunk.request_id, seq=seq, worker_id="intruder",
+                                    attempt=chunk.attempt, text=" FORGED", token_count=1)
+                await nc.publish(msg.subject, encode(forged))
+            return await call
+        finally:
+            await nc.close()
+
+    reply = asyncio.run(forge_into_next_request())
+    assert reply.choices[0].message.content == expected
+    assert "FORGED" not in reply.choices[0].message.content

@@ -173,7 +173,12 @@ async def test_gateway_and_worker_serve_a_request(planes, join):
     first, second = await psub.fetch(2, timeout=5)
     await first.in_progress()
     await first.ack()
-    await second.term()
+    # the worker dies before starting r2: the gateway hands it back with the ack subject the
+    # worker's heartbeat carried, and JetStream redelivers it at once
+    assert await gw_bus.hand_back(second.reply)
+    (again,) = await psub.fetch(1, timeout=5)
+    assert again.data == b"request r2" and again.metadata.num_delivered == 2
+    await again.term()
 
     await worker.nc.publish(subjects.reply_inbox("g1", "r1"), b"delta")
     await worker.nc.publish(f"{subjects.ALIVE_PREFIX}.w1", b"alive")

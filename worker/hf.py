@@ -160,6 +160,11 @@ class HFBackend:
     def kv_free_tokens(self) -> int:
         return self.engine.kv_free_tokens
 
+    @property
+    def kv_cache_tokens(self) -> int:
+        """The whole KV budget: with nothing running, `kv_free_tokens` equals it."""
+        return self.engine.kv_budget_tokens
+
     def generate(self, prompt_ids: list[int], sampling: Sampling) -> AsyncIterator[TokenEvent]:
         return self.engine.generate(prompt_ids, sampling)
 

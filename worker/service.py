@@ -148,6 +148,7 @@ class Worker:
             updated_at=time.time(),
             ttl=self.bus.config.registry_ttl,
             heartbeat_interval=self.config.heartbeat_interval,
+            # backends that manage their own cache (vLLM) have no budget to report
             kv_cache_tokens=getattr(self.backend, "kv_cache_tokens", None),
             kv_free_tokens=self.backend.kv_free_tokens if hasattr(self.backend, "kv_cache_tokens") else None,
         )
@@ -343,8 +344,11 @@ class Worker:
             try:
                 if not reply.started:
                     await msg.in_progress()
-                if time.monotonic() - reply.last_sent >= interval:
-                    await reply.send(HeartbeatChunk, started=reply.started)
+                # Before the first token every tick carries the delivery's ack subject, so that
+                # a gateway can hand the request back soon after this process dies.
+                if not reply.started or time.monotonic() - reply.last_sent >= interval:
+                    ack_subject = None if reply.started else msg.reply
+                    await reply.send(HeartbeatChunk, started=reply.started, ack_subject=ack_subject)
             except Exception as err:
                 log.debug("keep-alive of %s failed: %s", reply.request_id, err)
 
