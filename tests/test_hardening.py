@@ -233,6 +233,52 @@ def test_fuzz_completions(stack, model, prompt, extra, echo):
     assert_sane(status, resp, body.get("stream") is True)
 
 
+VOCAB = 49152  # SmolLM2's
+
+
+def valid_sampling():
+    """Every field within what the API accepts, edges included: each body must be served."""
+    tiny = st.sampled_from([1e-300, 5e-324, 1e-38, 1e-6])
+    return st.fixed_dictionaries({"max_tokens": st.integers(1, 4)}, optional={
+        "temperature": st.one_of(st.floats(0, 2), tiny),
+        "top_p": st.one_of(st.floats(1e-300, 1), tiny),
+        "top_k": st.integers(-1, 10**6),
+        "presence_penalty": st.floats(-2, 2),
+        "frequency_penalty": st.floats(-2, 2),
+        "repetition_penalty": st.one_of(st.floats(1e-300, 1e300), tiny),
+        "seed": st.integers(-(2**63), 2**63 - 4),
+        "stop": st.lists(st.text(min_size=1, max_size=8), max_size=4),
+        "logit_bias": st.dictionaries(st.integers(0, VOCAB - 1).map(str), st.floats(-100, 100), max_size=8),
+        "stop_token_ids": st.lists(st.integers(0, VOCAB - 1), max_size=4),
+        "n": st.integers(1, 3),
+        "stream": st.booleans(),
+        "ignore_eos": st.booleans(),
+        "min_tokens": st.integers(0, 4),
+    }).map(lambda b: {**b, "min_tokens": min(b.get("min_tokens", 0), b["max_tokens"])})
+
+
+VALID_MESSAGES = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]),
+                                                 "content": st.text(max_size=40)}), min_size=1, max_size=3)
+VALID_PROMPTS = st.one_of(st.text(min_size=1, max_size=40), st.lists(st.integers(0, VOCAB - 1), min_size=1,
+                                                                      max_size=6))
+
+
+@FUZZ
+@given(messages=VALID_MESSAGES, extra=valid_sampling())
+def test_fuzz_valid_chat_bodies_are_all_served(stack, messages, extra):
+    status, resp = send(stack, "/v1/chat/completions", {"model": MODEL, "messages": messages, **extra})
+    assert status == 200, resp
+    assert_sane(status, resp, extra.get("stream") is True)
+
+
+@FUZZ
+@given(prompt=VALID_PROMPTS, extra=valid_sampling())
+def test_fuzz_valid_completion_bodies_are_all_served(stack, prompt, extra):
+    status, resp = send(stack, "/v1/completions", {"model": MODEL, "prompt": prompt, **extra})
+    assert status == 200, resp
+    assert_sane(status, resp, extra.get("stream") is True)
+
+
 def test_after_the_fuzz_the_fabric_is_healthy(stack, client):
     assert_healthy(stack, client)
 
