@@ -23,7 +23,7 @@ def _positive_ints(text: str) -> list[int]:
     return values
 
 
-def add_bench_args(p: argparse.ArgumentParser) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="the endpoint's /v1 URL (default: %(default)s)")
     p.add_argument("--model", required=True, help="model name to request")
     p.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")

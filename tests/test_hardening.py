@@ -9,7 +9,6 @@ import json
 import threading
 import urllib.parse
 
-import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -1,0 +1,150 @@
+"""`chatfabric worker`: its flags, loading its model and backend, and its run; `deploy/cli.py`
+composes it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+from pathlib import Path
+
+from ..proto.auth import auth_from_args
+from ..proto.bus import BusConfig, connect
+
+log = logging.getLogger("chatfabric")
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    from .prompting import TEMPLATES
+
+    w = p.add_argument_group("worker")
+    w.add_argument("--backend", choices=["hf", "vllm", "synthetic"], default="hf",
+                   help="hf: Hugging Face transformers with continuous batching; vllm: vLLM's async engine "
+                   "(extra [vllm]); synthetic: streams max_tokens tokens without a model, to measure the "
+                   "fabric's own overhead")
+    w.add_argument("--model-path", help="a transformers model folder (default: SmolLM2-135M-Instruct, built in)")
+    w.add_argument("--model-name", help="name clients use in 'model' (default: the folder's name)")
+    w.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
+    w.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="auto: float32 on CPU, bfloat16 (or float16) on CUDA",
+    )
+    w.add_argument("--max-concurrency", type=int, default=16,
+                   help="requests served at once, batched together (default: %(default)s)")
+    w.add_argument("--kv-cache-tokens", type=int,
+                   help="KV cache budget in tokens (default: from free memory); requests that do not fit wait")
+    w.add_argument("--prefill-chunk", type=int, default=512,
+                   help="prompt tokens prefilled per engine step, so long prompts do not stall decoding")
+    w.add_argument("--engine", choices=["auto", "padded", "slots"], default="auto",
+                   help="hf backend's batching engine: padded (a left-padded cache re-laid as requests come "
+                   "and go) or slots (a preallocated cache row per request, CUDA graphs on CUDA); auto: "
+                   "slots on CUDA, padded on CPU")
+    w.add_argument("--slot-length", type=int,
+                   help="slots engine: KV tokens per row, the longest prompt + max_tokens it serves (default: "
+                   "the context length, or the KV budget's share per row if smaller)")
+    w.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False, default=None,
+                   help="slots engine on CUDA: run decode steps eagerly instead of replaying CUDA graphs")
+    v = p.add_argument_group("vllm backend")
+    v.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs to shard the model over")
+    v.add_argument("--gpu-memory-utilization", type=float, help="share of GPU memory vLLM may use")
+    v.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    v.add_argument("--vllm-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other vLLM engine argument, e.g. --vllm-arg enforce_eager=true (repeatable)")
+    w.add_argument(
+        "--conv-template",
+        choices=sorted(TEMPLATES),
+        help="built-in chat template, for models without one of their own (or to override it)",
+    )
+    w.add_argument("--synthetic-delay", type=float, default=0.0,
+                   help="--backend synthetic: seconds per token, to stand in for a model's decode speed")
+    w.add_argument("--heartbeat-interval", type=float, default=1.0,
+                   help="seconds between liveness beats and per-request heartbeats (default: %(default)s)")
+    w.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds running requests get to finish on shutdown")
+
+
+async def load(args):
+    """Load the model (off the event loop) and return (backend, prompts, config)."""
+    from .default_model import DEFAULT_MODEL_NAME, ensure_default_model
+    from .hf import HFBackend
+    from .prompting import PromptBuilder
+    from .service import WorkerConfig
+
+    if args.model_path:
+        path = Path(args.model_path)
+        if not path.is_dir():
+            raise ValueError(f"--model-path {path} is not a folder")
+        name = args.model_name or path.name
+    else:
+        path = await asyncio.to_thread(ensure_default_model)
+        name = args.model_name or DEFAULT_MODEL_NAME
+    config = WorkerConfig(
+        model_name=name,
+        max_concurrency=args.max_concurrency,
+        heartbeat_interval=args.heartbeat_interval,
+        shutdown_grace=args.shutdown_grace,
+    )
+    if args.kv_cache_tokens is not None and args.kv_cache_tokens < 1:
+        raise ValueError("--kv-cache-tokens must be positive")
+    if args.prefill_chunk < 1:
+        raise ValueError("--prefill-chunk must be positive")
+    if args.slot_length is not None and args.slot_length < 2:
+        raise ValueError("--slot-length must be at least 2")
+    if args.backend == "vllm":
+        from .vllm_backend import VLLMBackend
+
+        backend = await asyncio.to_thread(
+            VLLMBackend.load, path, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
+            max_model_len=args.max_model_len, max_num_seqs=args.max_concurrency,
+            gpu_memory_utilization=args.gpu_memory_utilization, extra=parse_vllm_args(args.vllm_arg),
+        )
+    elif args.backend == "synthetic":
+        from transformers import AutoTokenizer
+
+        from .synthetic import SyntheticBackend
+
+        if args.synthetic_delay < 0:
+            raise ValueError("--synthetic-delay must not be negative")
+        tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(path))
+        backend = SyntheticBackend(tokenizer, token_delay=args.synthetic_delay)
+    else:
+        backend = await asyncio.to_thread(
+            HFBackend.load, path, args.device, args.dtype,
+            max_batch=args.max_concurrency, kv_cache_tokens=args.kv_cache_tokens, prefill_chunk=args.prefill_chunk,
+            engine=args.engine, slot_length=args.slot_length, cuda_graphs=args.cuda_graphs,
+        )
+    prompts = PromptBuilder(backend.tokenizer, args.conv_template)
+    if not prompts.can_chat:
+        log.warning("%s has no chat template: chat requests will be refused (see --conv-template)", name)
+    return backend, prompts, config
+
+
+def parse_vllm_args(items: list[str]) -> dict:
+    """KEY=VALUE pairs; values that read as JSON (numbers, true/false) are converted."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--vllm-arg expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.replace("-", "_")] = json.loads(raw)
+        except ValueError:
+            out[key.replace("-", "_")] = raw
+    return out
+
+
+async def run(args, stop: asyncio.Event) -> None:
+    """Load the model, then serve it on the fabric until `stop` is set."""
+    from .service import Worker
+
+    backend, prompts, config = await load(args)
+    try:
+        bus_config = BusConfig.from_env(url=args.nats_url or DEFAULT_NATS_URL)
+        async with connect(bus_config, "worker", stop, auth=auth_from_args(args), role="worker") as bus:
+            await Worker(bus, backend, prompts, config).run(stop)
+    finally:
+        await backend.close()
