@@ -1,8 +1,10 @@
-"""Connection to the fabric and the JetStream objects of the bus contract.
+"""Connection to the fabric, and typed publish/subscribe for every plane.
 
 `connect()` joins `NATS_URL` (or a given URL) or, with neither, starts the embedded server and
-stops it on exit. `Bus.setup()` creates the GEN stream and the `workers` registry bucket
-idempotently: whoever starts first creates them, everyone else binds to them.
+stops it on exit. `Bus.setup()` ensures the contract's streams, buckets and object store
+(`proto/contract.py`) or only binds to them, depending on the process's role. `Bus` publishes
+requests, chunks, cancels, liveness beats and events, and puts and gets artifacts, so that no
+component outside `proto` touches the raw connection (`proto/replay.py` reads event streams).
 
 A connection reconnects by itself for as long as it takes. One that the client library closes
 for good (the server refused it: a protocol violation, revoked credentials) is never left
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, field, fields
@@ -23,13 +26,17 @@ from typing import AsyncIterator, Awaitable, Callable
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext, api
-from nats.js.errors import APIError, BadRequestError, BucketNotFoundError, NotFoundError
+from nats.js.errors import (APIError, BucketNotFoundError, DigestMismatchError, NoStreamResponseError,
+                            NotFoundError, ObjectNotFoundError)
 from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
 
-from . import subjects
+from . import contract, subjects
 from .auth import NatsAuth
 from .embedded import EmbeddedServer
+from .events import ArtifactRef, Event
 from .messages import AliveMessage, CancelMessage, GenerationRequest, WorkerCard, encode
+from .roles import role as find_role
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +46,11 @@ ERR_MAX_MSGS_PER_SUBJECT = 10077
 
 @dataclass(frozen=True)
 class BusConfig:
-    """Settings shared by every process on one fabric. `from_env` reads CHATFABRIC_* overrides."""
+    """Settings shared by every process on one fabric. `from_env` reads CHATFABRIC_* overrides.
+
+    The settings below `url` and `store_dir` shape the fabric's JetStream objects
+    (`proto/contract.py`); a process that ensures the contract brings the server in line with
+    them, so every such process of one fabric should be started with the same values."""
 
     url: str | None = None
     store_dir: Path | None = None
@@ -48,15 +59,27 @@ class BusConfig:
     queue_limit: int = 256  # requests waiting per model before the gateway answers 429
     registry_ttl: float = 10.0  # seconds a worker card lives without a refresh
     request_max_age: float = 3600.0
+    replicas: int = 1  # copies of every stream, bucket and object store: 3 on a cluster
+    duplicate_window: float = 120.0  # seconds within which a re-published Nats-Msg-Id is stored once
+    events_max_age: float = 7 * 86400.0  # seconds EVENTS keeps job progress and results; 0: forever
+    arena_max_age: float = 0.0  # seconds ARENA keeps votes and conversations; 0: forever
 
     def __post_init__(self) -> None:
-        for name in ("ack_wait", "registry_ttl", "request_max_age"):
+        for name in ("ack_wait", "registry_ttl", "request_max_age", "duplicate_window"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.queue_limit < 1:
             raise ValueError("queue_limit must be at least 1")
         if self.max_deliver == 0 or self.max_deliver < -1:
             raise ValueError("max_deliver must be -1 (unlimited) or at least 1")
+        if not 1 <= self.replicas <= 5:
+            raise ValueError(f"replicas must be between 1 and 5 (JetStream's limit), got {self.replicas}")
+        for name in ("request_max_age", "events_max_age", "arena_max_age"):
+            age = getattr(self, name)
+            if age < 0:
+                raise ValueError(f"{name} must be 0 (no limit) or positive, got {age}")
+            if 0 < age < self.duplicate_window:  # JetStream refuses such a stream
+                raise ValueError(f"duplicate_window ({self.duplicate_window:g} s) must not exceed {name} ({age:g} s)")
 
     @classmethod
     def from_env(cls, **overrides) -> "BusConfig":
@@ -89,10 +112,26 @@ class BusLost(ConnectionError):
     """The NATS connection was closed for good (not a disconnect that reconnects)."""
 
 
+class EventNotStored(BusUnavailable):
+    """JetStream did not confirm an event: it must not be reported as saved."""
+
+
+class ArtifactMismatch(Exception):
+    """An artifact is missing, or its content is not what its reference pins."""
+
+
+class _Unconfirmed(Exception):
+    """A JetStream publish that got no answer for as long as it was retried."""
+
+
 # JetStream's answers while a server is (re)starting or unreachable: worth retrying.
 _TRANSIENT = (nats.errors.NoRespondersError, nats.errors.TimeoutError, asyncio.TimeoutError,
               nats.errors.ConnectionReconnectingError)
+# ...and for events, also a stream that does not answer (JetStream still starting, or the
+# stream not created yet): a vote is worth a few seconds, never a false confirmation.
+_EVENT_TRANSIENT = (*_TRANSIENT, NoStreamResponseError)
 PUBLISH_RETRY_SECONDS = 5.0
+EVENT_RETRY_SECONDS = 3.0
 DRAIN_TIMEOUT = 5.0
 
 
@@ -103,7 +142,9 @@ class Bus:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
         self.config = config
+        self.contract = contract.build_contract(config)
         self.registry: KeyValue | None = None
+        self._artifacts: ObjectStore | None = None
         self.reconnects = 0  # how many times the connection came back after a loss
         self._on_reconnect: list[Callable[[], Awaitable[None]]] = []
 
@@ -123,65 +164,49 @@ class Bus:
     def connected(self) -> bool:
         return self.nc.is_connected
 
-    async def setup(self) -> "Bus":
+    async def setup(self, ensure: bool = True) -> "Bus":
+        """Ensure the whole contract (`ensure=True`: gateways, `chatfabric up`, operators) or
+        only bind to what exists (a worker, which may not create streams on a secured fabric)."""
         try:
-            await self._ensure_gen_stream()
-            self.registry = await self._ensure_registry()
+            if ensure:
+                await self.ensure_contract()
+            await self._bind_registry()
         except _TRANSIENT as err:
             raise ConnectionError(
-                f"JetStream did not answer while setting up the {subjects.GEN_STREAM} stream and the "
-                f"'{subjects.REGISTRY_BUCKET}' bucket ({type(err).__name__}): is JetStream enabled on the server? "
-                "On a secured fabric a worker may not create them: start a gateway (or `chatfabric up`) first"
+                f"JetStream did not answer while {'ensuring' if ensure else 'looking up'} the fabric's streams "
+                f"and buckets ({type(err).__name__}): is JetStream enabled on the server? On a secured fabric "
+                "only a gateway (or `chatfabric up`, or an admin) may create them: start one first"
             ) from None
         return self
 
-    async def _ensure_gen_stream(self) -> None:
-        wanted = api.StreamConfig(
-            name=subjects.GEN_STREAM,
-            subjects=[f"{subjects.GEN_PREFIX}.>"],
-            retention=api.RetentionPolicy.WORK_QUEUE,
-            storage=api.StorageType.FILE,
-            discard=api.DiscardPolicy.NEW,
-            discard_new_per_subject=True,
-            max_msgs_per_subject=self.config.queue_limit,
-            max_age=self.config.request_max_age,
-            duplicate_window=120.0,
-        )
-        try:
-            await self.js.stream_info(subjects.GEN_STREAM)
-        except NotFoundError:
-            try:
-                await self.js.add_stream(wanted)
-            except BadRequestError:
-                pass  # created concurrently by another process: same contract, nothing to do
+    async def ensure(self, spec: contract.Spec) -> None:
+        """Create one object of the contract, or bring the existing one in line with it:
+        `contract.ContractMismatch` when JetStream cannot change the difference in place."""
+        await contract.ensure(self.js, spec)
 
-    async def _ensure_registry(self) -> KeyValue:
+    async def ensure_contract(self) -> None:
+        """Ensure every stream, bucket and object store; one error lists every mismatch."""
+        refused = []
+        for spec in self.contract.specs():
+            try:
+                await self.ensure(spec)
+            except contract.ContractMismatch as err:
+                refused.append(str(err))
+        if refused:
+            raise contract.ContractMismatch("the fabric differs from this process's contract:\n" + "\n".join(refused))
+
+    async def _bind_registry(self) -> None:
         try:
-            return await self.js.key_value(subjects.REGISTRY_BUCKET)
+            self.registry = await self.js.key_value(subjects.REGISTRY_BUCKET)
         except BucketNotFoundError:
-            return await self.js.create_key_value(
-                bucket=subjects.REGISTRY_BUCKET,
-                ttl=self.config.registry_ttl,
-                history=1,
-                limit_marker_ttl=max(self.config.registry_ttl, 1.0),
-            )
+            log.info("the '%s' bucket does not exist yet: a gateway creates it", subjects.REGISTRY_BUCKET)
 
     async def ensure_consumer(self, model: str) -> JetStreamContext.PullSubscription:
-        """Bind to (creating if needed) the durable pull consumer shared by a model's workers."""
-        config = api.ConsumerConfig(
-            durable_name=subjects.gen_consumer(model),
-            filter_subject=subjects.gen_subject(model),
-            ack_policy=api.AckPolicy.EXPLICIT,
-            ack_wait=self.config.ack_wait,
-            max_deliver=self.config.max_deliver,
-            max_waiting=512,
-        )
-        return await self.js.pull_subscribe(
-            subjects.gen_subject(model),
-            durable=subjects.gen_consumer(model),
-            stream=subjects.GEN_STREAM,
-            config=config,
-        )
+        """Bind to (creating or updating if needed) the durable pull consumer shared by a model's
+        workers; `contract.ContractMissing` when the GEN stream does not exist yet."""
+        spec = contract.gen_consumer(self.config, model)
+        await self.ensure(spec)
+        return await self.js.pull_subscribe_bind(spec.name, stream=spec.stream)
 
     async def model_was_served(self, model: str) -> bool:
         """True when some worker ever created this model's consumer (it outlives its workers)."""
@@ -200,25 +225,85 @@ class Bus:
         headers = {"Nats-Msg-Id": request.request_id}
         if request.traceparent:
             headers["traceparent"] = request.traceparent
-        subject = subjects.gen_subject(request.model)
-        payload = encode(request)
-        give_up = asyncio.get_running_loop().time() + PUBLISH_RETRY_SECONDS
+        try:
+            await self._store(subjects.gen_subject(request.model), encode(request), headers,
+                              PUBLISH_RETRY_SECONDS, _TRANSIENT)
+        except APIError as err:
+            if err.err_code == ERR_MAX_MSGS_PER_SUBJECT:
+                raise QueueFull(request.model) from None
+            raise
+        except nats.errors.MaxPayloadError:
+            raise PayloadTooLarge(self.nc.max_payload) from None
+        except _Unconfirmed as err:
+            raise BusUnavailable(f"JetStream did not accept the request: {err}") from None
+
+    async def _store(self, subject: str, payload: bytes, headers: dict, retry_for: float,
+                     transient: tuple[type[BaseException], ...]) -> api.PubAck:
+        """A JetStream publish that returns the server's acknowledgement, retried with backoff
+        for `retry_for` seconds while the server does not answer; `_Unconfirmed` after that."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + retry_for
         delay = 0.05
         while True:
             try:
-                await self.js.publish(subject, payload, headers=headers, timeout=2.0)
-                return
-            except APIError as err:
-                if err.err_code == ERR_MAX_MSGS_PER_SUBJECT:
-                    raise QueueFull(request.model) from None
-                raise
-            except nats.errors.MaxPayloadError:
-                raise PayloadTooLarge(self.nc.max_payload) from None
-            except _TRANSIENT as err:
-                if self.nc.is_closed or asyncio.get_running_loop().time() + delay > give_up:
-                    raise BusUnavailable(f"JetStream did not accept the request: {type(err).__name__}") from None
+                timeout = max(min(2.0, give_up - loop.time()), 0.2)
+                return await self.js.publish(subject, payload, headers=headers, timeout=timeout)
+            except transient as err:
+                if self.nc.is_closed or loop.time() + delay > give_up:
+                    raise _Unconfirmed(type(err).__name__) from None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
+
+    # -- the event plane: JetStream, replayable ------------------------------------------------
+
+    async def publish_event(self, event: Event, retry_for: float = EVENT_RETRY_SECONDS) -> api.PubAck:
+        """Store `event` in its stream and return JetStream's acknowledgement: `seq`, and
+        `duplicate` True when an event with the same id was already stored within the duplicate
+        window (publishing again is always safe). Raises `EventNotStored` when JetStream did not
+        confirm it within `retry_for` seconds: never report such an event as saved."""
+        try:
+            return await self._store(event.subject(), encode(event), {"Nats-Msg-Id": event.id}, retry_for,
+                                     _EVENT_TRANSIENT)
+        except _Unconfirmed as err:
+            raise EventNotStored(
+                f"{type(event).__name__} {event.id} was not confirmed by JetStream within {retry_for:g} s ({err}); "
+                f"it may still be stored once the server is back, and publishing it again is safe"
+            ) from None
+        except nats.errors.ConnectionClosedError:
+            raise EventNotStored(f"{type(event).__name__} {event.id}: the connection is closed") from None
+
+    async def _artifact_store(self) -> ObjectStore:
+        if self._artifacts is None:
+            try:
+                self._artifacts = await self.js.object_store(subjects.ARTIFACTS_BUCKET)
+            except BucketNotFoundError:
+                raise contract.ContractMissing(
+                    f"the '{subjects.ARTIFACTS_BUCKET}' object store does not exist: a gateway creates it") from None
+        return self._artifacts
+
+    async def put_artifact(self, name: str, data: bytes, description: str | None = None) -> ArtifactRef:
+        """Store `data` as `name` in the artifacts object store (replacing an older version) and
+        return a reference that pins this content by its sha256."""
+        store = await self._artifact_store()
+        digest = hashlib.sha256(data).hexdigest()
+        await store.put(name, data, meta=api.ObjectMeta(name=name, description=description))
+        return ArtifactRef(bucket=subjects.ARTIFACTS_BUCKET, name=name, digest=f"sha256:{digest}", size=len(data))
+
+    async def get_artifact(self, ref: ArtifactRef) -> bytes:
+        """The content `ref` points at; `ArtifactMismatch` when the stored object is not it (it
+        was replaced since, or damaged)."""
+        store = await self._artifact_store()
+        try:
+            data = (await store.get(ref.name)).data or b""
+        except ObjectNotFoundError:
+            raise ArtifactMismatch(f"artifact {ref.name!r} is not in '{ref.bucket}'") from None
+        except DigestMismatchError:
+            raise ArtifactMismatch(f"artifact {ref.name!r} is damaged: its chunks do not match its digest") from None
+        found = f"sha256:{hashlib.sha256(data).hexdigest()}"
+        if found != ref.digest or len(data) != ref.size:
+            raise ArtifactMismatch(f"artifact {ref.name!r} changed since it was referenced: "
+                                   f"{ref.digest} ({ref.size} bytes) wanted, {found} ({len(data)} bytes) stored")
+        return data
 
     # -- core NATS: control and token planes -----------------------------------------------
 
@@ -249,10 +334,17 @@ class Bus:
         return await self.nc.subscribe(f"{subjects.reply_prefix(gateway_id)}.*", cb=callback)
 
     async def put_card(self, card: WorkerCard) -> None:
-        await self.registry.put(card.worker_id, encode(card))
+        await self._registry().put(card.worker_id, encode(card))
 
     async def delete_card(self, worker_id: str) -> None:
-        await self.registry.delete(worker_id)
+        await self._registry().delete(worker_id)
+
+    def _registry(self) -> KeyValue:
+        if self.registry is None:
+            raise contract.ContractMissing(
+                f"the '{subjects.REGISTRY_BUCKET}' bucket did not exist when this process joined: "
+                "a gateway (or `chatfabric up`) creates it; start one first")
+        return self.registry
 
 
 @dataclass
@@ -322,15 +414,19 @@ async def close_connection(nc: NATS, watch: ConnectionWatch | None = None, timeo
 @contextlib.asynccontextmanager
 async def connect(config: BusConfig | None = None, name: str = "chatfabric",
                   stop: asyncio.Event | None = None, *, auth: NatsAuth | None = None,
-                  role: str = "admin") -> AsyncIterator[Bus]:
+                  role: str | None = None) -> AsyncIterator[Bus]:
     """Join the fabric at `config.url`, or start an embedded server when there is none.
 
-    `auth` holds the credentials and TLS settings (none by default); `role` is the process's
-    role on the bus (`proto/roles.py`), which picks its inbox prefix. If the connection is closed
+    `auth` holds the credentials and TLS settings (none by default). `role` is the process's
+    role on the bus (`proto/roles.py`): it picks the inbox prefix and what `Bus.setup` does. A
+    role that owns the contract (`Role.ensures_contract`: gateway, admin, so `chatfabric up`)
+    ensures every stream, bucket and object store; any other role only binds to them. No role
+    is a connection that only looks (tests, tools): admin's inbox, binding only, unless it
+    started the embedded server, whose fabric is then its own. If the connection is closed
     for good while in use, `stop` is set (the process shuts down) and `BusLost` is raised when
     the block exits."""
     config = config or BusConfig.from_env()
-    options = (auth or NatsAuth()).connect_options(role)
+    options = (auth or NatsAuth()).connect_options(role or "admin")
     lost: list[str] = []
 
     def on_lost(reason: str) -> None:
@@ -351,7 +447,8 @@ async def connect(config: BusConfig | None = None, name: str = "chatfabric",
         try:
             bus = Bus(nc, config)
             watch.listeners.append(bus._reconnected)
-            yield await bus.setup()
+            owner = server is not None or (role is not None and find_role(role).ensures_contract)
+            yield await bus.setup(ensure=owner)
         finally:
             await close_connection(nc, watch)
         if lost:

@@ -13,20 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import subjects
-
-# -- the event plane's names (they move to subjects.py with the components that use them) ----
-
-ARENA_STREAM = "ARENA"
-ARENA_PREFIX = "arena"  # arena.vote.<...>, arena.conv.<...>
-JOBS_STREAM = "JOBS"
-JOBS_PREFIX = "jobs"
-JUDGE_JOBS = "jobs.judge"
-TRAIN_JOBS = "jobs.train"
-JUDGE_CONSUMER = "judge"  # the judges' durable pull consumer on JOBS, filtered on JUDGE_JOBS
-TRAIN_CONSUMER = "trainer"  # the trainers' one, filtered on TRAIN_JOBS
-EVENTS_STREAM = "EVENTS"
-EVENTS_PREFIX = "events"
-ARTIFACTS_BUCKET = "artifacts"  # JetStream object store
+from .subjects import (ARENA_PREFIX, ARENA_STREAM, ARTIFACTS_BUCKET, EVENTS_PREFIX, EVENTS_STREAM, JOBS_PREFIX,
+                       JOBS_STREAM, JUDGE_CONSUMER, JUDGE_JOBS, TRAIN_CONSUMER, TRAIN_JOBS)
 
 # -- JetStream's own subjects -------------------------------------------------------------------
 
@@ -45,14 +33,28 @@ def _api(*tokens: str) -> str:
     return ".".join((JS_API, *tokens))
 
 
+def contract_streams() -> tuple[str, ...]:
+    """The stream behind every object of the contract (`proto/contract.py`; a test keeps the
+    two equal): what a role that ensures the contract creates and reconciles."""
+    return (subjects.GEN_STREAM, kv_stream(subjects.REGISTRY_BUCKET), ARENA_STREAM, JOBS_STREAM,
+            EVENTS_STREAM, obj_stream(ARTIFACTS_BUCKET))
+
+
 def _stream_admin(stream: str) -> list[str]:
     """Create (idempotently) and look up one stream; never update, purge or delete it."""
     return [_api("STREAM.INFO", stream), _api("STREAM.CREATE", stream)]
 
 
+def _stream_owner(stream: str) -> list[str]:
+    """Create, look up and update one stream (`ensure` raises a limit the configuration
+    raised); never purge or delete it."""
+    return [*_stream_admin(stream), _api("STREAM.UPDATE", stream)]
+
+
 def _stream_reader(stream: str) -> list[str]:
-    """Read one stream: look it up, get messages, replay it with ordered (push) consumers.
-    Consumer creation is bounded to this stream; flow-control replies go to `$JS.FC`."""
+    """Read one stream: look it up, get messages, replay it with ordered (push) consumers or
+    with the ephemeral pull consumers of `proto/replay.py`. Consumer creation is bounded to
+    this stream; flow-control replies go to `$JS.FC`."""
     return [
         _api("STREAM.INFO", stream),
         _api("STREAM.NAMES"),  # nats-py's subscribe finds a stream by subject when not told
@@ -62,6 +64,7 @@ def _stream_reader(stream: str) -> list[str]:
         _api("CONSUMER.CREATE", stream),
         _api("CONSUMER.CREATE", stream, ">"),
         _api("CONSUMER.INFO", stream, "*"),
+        _api("CONSUMER.MSG.NEXT", stream, "*"),
         f"$JS.FC.{stream}.>",
     ]
 
@@ -109,26 +112,32 @@ class Role:
     subscribe: Permissions
     inbox_prefix: str
     allow_responses: bool = False
+    ensures_contract: bool = False  # creates and reconciles every stream, bucket and object store
 
 
-# Refused to every role but admin even if an allow list grows: nobody edits or removes streams.
-_NO_STREAM_SURGERY = (
-    _api("STREAM.UPDATE.>"),
+# Refused to every role but admin even if an allow list grows: nobody removes streams, their
+# messages or consumers, and nobody but the contract's owners (who may update its streams by
+# name, see `_stream_owner`) edits a stream.
+_NO_DELETING = (
     _api("STREAM.DELETE.>"),
     _api("STREAM.MSG.DELETE.>"),
     _api("CONSUMER.DELETE.>"),
 )
+_NO_STREAM_SURGERY = (_api("STREAM.UPDATE.>"), *_NO_DELETING)
 
 
 def _role(name: str, summary: str, publish: list[str], subscribe: list[str],
-          deny_publish: tuple[str, ...] = (), deny_subscribe: tuple[str, ...] = ()) -> Role:
+          deny_publish: tuple[str, ...] = (), deny_subscribe: tuple[str, ...] = (),
+          ensures_contract: bool = False) -> Role:
     inbox = f"_INBOX_{name}"
+    refused = _NO_DELETING if ensures_contract else _NO_STREAM_SURGERY
     return Role(
         name=name,
         summary=summary,
-        publish=Permissions(tuple(dict.fromkeys(publish)), _NO_STREAM_SURGERY + deny_publish),
+        publish=Permissions(tuple(dict.fromkeys(publish)), refused + deny_publish),
         subscribe=Permissions(tuple(dict.fromkeys([*subscribe, f"{inbox}.>"])), deny_subscribe),
         inbox_prefix=inbox,
+        ensures_contract=ensures_contract,
     )
 
 
@@ -142,18 +151,22 @@ def build_roles() -> dict[str, Role]:
     alive = f"{subjects.ALIVE_PREFIX}.*"
     gateway = _role(
         "gateway",
-        "publishes requests into GEN, reads the registry, relays token streams, sends cancels",
+        "ensures the contract's streams, bucket and object store; publishes requests into GEN, reads "
+        "the registry, relays token streams, sends cancels",
         publish=[
-            *_stream_admin(gen), gen_all, _api("CONSUMER.INFO", gen, "*"),
+            *(subject for stream in contract_streams() for subject in _stream_owner(stream)),
+            gen_all, _api("CONSUMER.INFO", gen, "*"),
             # creating a bucket with limit markers first reads the account's JetStream API level
-            *_stream_admin(registry), _api("INFO"), *_stream_reader(registry),
+            _api("INFO"), *_stream_reader(registry),
             cancel,
             # nak a delivery whose worker died before its first token (the worker's heartbeat
             # carries the ack subject), so it is redelivered now rather than after ack_wait
             f"$JS.ACK.{gen}.>",
         ],
         subscribe=[token_plane, alive],
-        deny_publish=(token_plane, f"{subjects.ALIVE_PREFIX}.>", f"$KV.{subjects.REGISTRY_BUCKET}.>"),
+        deny_publish=(token_plane, f"{subjects.ALIVE_PREFIX}.>", f"$KV.{subjects.REGISTRY_BUCKET}.>",
+                      _api("STREAM.PURGE.>")),
+        ensures_contract=True,
     )
     worker = _role(
         "worker",
@@ -190,6 +203,7 @@ def build_roles() -> dict[str, Role]:
         publish=Permissions((">",)),
         subscribe=Permissions((">",)),
         inbox_prefix="_INBOX_admin",
+        ensures_contract=True,
     )
     return {r.name: r for r in (admin, gateway, worker, arena, judge, trainer)}
 

@@ -1,4 +1,4 @@
-"""Subject, stream, consumer and bucket names, and the reversible model-name mapping.
+"""Subject, stream, consumer and bucket names of every plane, and the reversible model-name mapping.
 
 NATS subject tokens cannot hold '.', '*', '>' or whitespace, and consumer names cannot hold '/'
 either. A model name is mapped to a token made only of [A-Za-z0-9_-] by escaping every other
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import re
 
+# -- request, token and control planes --------------------------------------------------------
+
 GEN_STREAM = "GEN"
 GEN_PREFIX = "gen"
 CANCEL_PREFIX = "ctl.cancel"
@@ -21,11 +23,30 @@ ALIVE_PREFIX = "ctl.alive"
 REGISTRY_BUCKET = "workers"
 INBOX_PREFIX = "_INBOX.cf"
 
+# -- event plane --------------------------------------------------------------------------------
+
+ARENA_STREAM = "ARENA"
+ARENA_PREFIX = "arena"  # arena.vote.<kind>, arena.conv.<model-token>
+VOTE_PREFIX = f"{ARENA_PREFIX}.vote"
+CONVERSATION_PREFIX = f"{ARENA_PREFIX}.conv"
+JOBS_STREAM = "JOBS"
+JOBS_PREFIX = "jobs"
+JUDGE_JOBS = f"{JOBS_PREFIX}.judge"
+TRAIN_JOBS = f"{JOBS_PREFIX}.train"
+JUDGE_CONSUMER = "judge"  # the judges' durable pull consumer on JOBS, filtered on JUDGE_JOBS
+TRAIN_CONSUMER = "trainer"  # the trainers' one, filtered on TRAIN_JOBS
+# job kind -> (its subject in JOBS, the durable consumer that takes it)
+JOB_KINDS = {"judge": (JUDGE_JOBS, JUDGE_CONSUMER), "train": (TRAIN_JOBS, TRAIN_CONSUMER)}
+EVENTS_STREAM = "EVENTS"
+EVENTS_PREFIX = "events"  # events.progress.<job>, events.result.<job>
+ARTIFACTS_BUCKET = "artifacts"  # JetStream object store
+
 MAX_MODEL_NAME_CHARS = 256
 # The consumer name `gen-<token>` must stay within JetStream's 255-byte name limit.
 MAX_MODEL_TOKEN_CHARS = 240
 
 _SAFE = re.compile(rb"[A-Za-z0-9_-]")
+_SAFE_BYTES = bytes(b for b in range(256) if _SAFE.match(bytes([b])))
 _TOKEN = re.compile(r"^(?:[A-Za-z0-9_-]|=[0-9A-F]{2})+$")
 
 
@@ -39,7 +60,8 @@ def check_model_name(model: str) -> str:
         encoded = model.encode("utf-8")
     except UnicodeEncodeError:
         raise ValueError("a model name must be valid Unicode text (it holds an unpaired surrogate)") from None
-    escaped = sum(1 if _SAFE.match(bytes([b])) else 3 for b in encoded)
+    # every byte counts 1, and 2 more when it is escaped (a replay validates two names a vote)
+    escaped = len(encoded) + 2 * len(encoded.translate(None, _SAFE_BYTES))
     if escaped > MAX_MODEL_TOKEN_CHARS:
         raise ValueError(
             f"this model name is too long for the bus once escaped ({escaped} of at most "
@@ -108,3 +130,28 @@ def reply_prefix(gateway_id: str) -> str:
 
 def reply_inbox(gateway_id: str, request_id: str) -> str:
     return f"{reply_prefix(gateway_id)}.{request_id}"
+
+
+def vote_subject(anonymous: bool) -> str:
+    """Votes from anonymous battles and from named side-by-side chats stay apart: the
+    leaderboard counts only the former, and a replay filters on the subject alone."""
+    return f"{VOTE_PREFIX}.{'anonymous' if anonymous else 'named'}"
+
+
+def conversation_subject(model: str) -> str:
+    return f"{CONVERSATION_PREFIX}.{model_token(model)}"
+
+
+def job_subject(kind: str) -> str:
+    try:
+        return JOB_KINDS[kind][0]
+    except KeyError:
+        raise ValueError(f"unknown job kind {kind!r}; kinds: {', '.join(JOB_KINDS)}") from None
+
+
+def progress_subject(job_id: str) -> str:
+    return f"{EVENTS_PREFIX}.progress.{job_id}"
+
+
+def result_subject(job_id: str) -> str:
+    return f"{EVENTS_PREFIX}.result.{job_id}"

@@ -30,6 +30,8 @@ from nats.js import api
 from chatfabric.proto import auth, roles, subjects
 from chatfabric.proto.bus import Bus, BusConfig
 from chatfabric.proto.embedded import EmbeddedServer, find_nats_server, free_port
+from chatfabric.proto.events import JobProgress, Vote
+from chatfabric.proto.replay import replay
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -113,23 +115,12 @@ async def join(server, passwords):
 
 @pytest_asyncio.fixture(scope="module")
 async def planes(server, passwords):
-    """The gateway creates GEN and the registry bucket (as `Bus.setup` does); the judge creates
-    JOBS, EVENTS and the artifacts store; the arena creates ARENA."""
-    conns = []
-    for role_name in ("gateway", "judge", "arena"):
-        nc = await nats.connect(server.url, **auth.NatsAuth.for_role(role_name, passwords).connect_options(role_name))
-        conns.append(nc)
-    gateway, judge, arena = conns
+    """The gateway ensures the whole contract, as `Bus.setup` does when it starts."""
+    options = auth.NatsAuth.for_role("gateway", passwords).connect_options("gateway")
+    gateway = await nats.connect(server.url, **options)
     await Bus(gateway, BusConfig()).setup()
-    jjs = judge.jetstream()
-    await jjs.add_stream(name=roles.JOBS_STREAM, subjects=[f"{roles.JOBS_PREFIX}.>"],
-                         retention=api.RetentionPolicy.WORK_QUEUE)
-    await jjs.add_stream(name=roles.EVENTS_STREAM, subjects=[f"{roles.EVENTS_PREFIX}.>"])
-    await jjs.create_object_store(roles.ARTIFACTS_BUCKET)
-    await arena.jetstream().add_stream(name=roles.ARENA_STREAM, subjects=[f"{roles.ARENA_PREFIX}.>"])
     yield
-    for nc in conns:
-        await nc.close()
+    await gateway.close()
 
 
 # -- strangers ------------------------------------------------------------------------------------
@@ -157,7 +148,7 @@ async def test_a_role_cannot_log_in_with_another_roles_password(server, password
 async def test_gateway_and_worker_serve_a_request(planes, join):
     gateway, worker = await join("gateway"), await join("worker")
     gw_bus, wk_bus = Bus(gateway.nc, BusConfig()), Bus(worker.nc, BusConfig())
-    await wk_bus.setup()  # binds to what the gateway created
+    await wk_bus.setup(ensure=False)  # binds to what the gateway created
     await gw_bus.setup()
 
     chunks, alive, cancels = asyncio.Queue(), asyncio.Queue(), asyncio.Queue()
@@ -235,8 +226,8 @@ WORKER_REFUSED = {
     "cancel a request": _pub(subjects.cancel_subject("x")),
     "vote": _pub("arena.vote.x"),
     "inject a request": _pub(subjects.gen_subject(MODEL)),
-    "submit a train job": _pub(roles.TRAIN_JOBS),
-    "write an artifact": _pub(f"$O.{roles.ARTIFACTS_BUCKET}.M.x"),
+    "submit a train job": _pub(subjects.TRAIN_JOBS),
+    "write an artifact": _pub(f"$O.{subjects.ARTIFACTS_BUCKET}.M.x"),
     "delete the GEN stream": _api(lambda js: js.delete_stream(GEN), f"$JS.API.STREAM.DELETE.{GEN}"),
     "purge the registry": _api(lambda js: js.purge_stream(REGISTRY), f"$JS.API.STREAM.PURGE.{REGISTRY}"),
     "create a stream": _api(lambda js: js.add_stream(name="MINE", subjects=["mine.>"]), "$JS.API.STREAM.CREATE.MINE"),
@@ -256,18 +247,36 @@ GATEWAY_REFUSED = {
     "write into a token stream": _pub(subjects.reply_inbox("g2", "r1")),
     "announce a fake worker": _pub(f"{subjects.ALIVE_PREFIX}.w1"),
     "register a fake worker card": _pub(f"$KV.{subjects.REGISTRY_BUCKET}.w1"),
-    "submit a train job": _pub(roles.TRAIN_JOBS),
+    "submit a train job": _pub(subjects.TRAIN_JOBS),
     "create a consumer on GEN": _api(lambda js: js.pull_subscribe(subjects.gen_subject(MODEL), durable="gw", stream=GEN),
                                      f"$JS.API.CONSUMER.CREATE.{GEN}.gw.{subjects.gen_subject(MODEL)}"),
     "pull a model's requests": _pub(f"$JS.API.CONSUMER.MSG.NEXT.{GEN}.{subjects.gen_consumer(MODEL)}"),
     "delete the GEN stream": _api(lambda js: js.delete_stream(GEN), f"$JS.API.STREAM.DELETE.{GEN}"),
     "purge the GEN stream": _api(lambda js: js.purge_stream(GEN), f"$JS.API.STREAM.PURGE.{GEN}"),
+    "delete the votes": _api(lambda js: js.delete_stream(subjects.ARENA_STREAM),
+                             f"$JS.API.STREAM.DELETE.{subjects.ARENA_STREAM}"),
+    "purge the votes": _api(lambda js: js.purge_stream(subjects.ARENA_STREAM),
+                            f"$JS.API.STREAM.PURGE.{subjects.ARENA_STREAM}"),
+    "create a stream outside the contract": _api(lambda js: js.add_stream(name="MINE", subjects=["mine.>"]),
+                                                 "$JS.API.STREAM.CREATE.MINE"),
+    "update a stream outside the contract": _api(lambda js: js.update_stream(name="MINE", subjects=["mine.>"]),
+                                                 "$JS.API.STREAM.UPDATE.MINE"),
+    "vote": _pub(subjects.vote_subject(True)),
 }
 
 
 @pytest.mark.parametrize("action", GATEWAY_REFUSED.values(), ids=GATEWAY_REFUSED.keys())
 async def test_gateway_is_refused(planes, join, action):
     await action(await join("gateway"))
+
+
+async def test_the_gateway_ensures_the_contract_and_raises_a_limit(planes, join):
+    gateway, admin = await join("gateway"), await join("admin")
+    await Bus(gateway.nc, BusConfig(queue_limit=300)).setup()
+    assert (await admin.js.stream_info(GEN)).config.max_msgs_per_subject == 300
+    await Bus(gateway.nc, BusConfig()).setup()  # and back, for the other tests
+    assert (await admin.js.stream_info(GEN)).config.max_msgs_per_subject == 256
+    await gateway.assert_clean()
 
 
 async def test_a_workers_consumer_filter_is_pinned_by_the_create_subject(planes, join):
@@ -285,9 +294,9 @@ async def test_a_workers_consumer_filter_is_pinned_by_the_create_subject(planes,
 
 async def test_arena_records_votes_replays_them_and_submits_judge_jobs(planes, join):
     arena = await join("arena")
-    await arena.js.publish(f"{roles.ARENA_PREFIX}.vote.b1", b"vote", headers={"Nats-Msg-Id": "b1"})
-    await arena.js.publish(roles.JUDGE_JOBS, b"judge this", headers={"Nats-Msg-Id": "j-arena"})
-    replay = await arena.js.subscribe(f"{roles.ARENA_PREFIX}.>", ordered_consumer=True,
+    await arena.js.publish(f"{subjects.ARENA_PREFIX}.vote.b1", b"vote", headers={"Nats-Msg-Id": "b1"})
+    await arena.js.publish(subjects.JUDGE_JOBS, b"judge this", headers={"Nats-Msg-Id": "j-arena"})
+    replay = await arena.js.subscribe(f"{subjects.ARENA_PREFIX}.>", ordered_consumer=True,
                                       deliver_policy=api.DeliverPolicy.ALL)
     msg = await replay.next_msg(timeout=5)
     assert msg.data == b"vote"
@@ -295,14 +304,34 @@ async def test_arena_records_votes_replays_them_and_submits_judge_jobs(planes, j
     await arena.assert_clean()
 
 
+async def test_arena_publishes_and_replays_votes_through_the_bus(planes, join):
+    arena = await join("arena")
+    bus = Bus(arena.nc, BusConfig())
+    cast = Vote(id="sec-vote", winner="tie", model_a="a", model_b="b", anonymous=True,
+                conversation_a="ca", conversation_b="cb")
+    ack = await bus.publish_event(cast)
+    assert [item.message.id async for item in replay(bus, Vote, start_seq=ack.seq)] == [cast.id]
+    await arena.assert_clean()
+
+
+async def test_job_runners_publish_events_and_artifacts_through_the_bus(planes, join):
+    judge, worker = await join("judge"), await join("worker")
+    bus = Bus(judge.nc, BusConfig())
+    await bus.publish_event(JobProgress(job_id="sec-job", kind="judge", done=1, total=2))
+    ref = await bus.put_artifact("sec-results.json", b"{}")
+    assert await Bus(worker.nc, BusConfig()).get_artifact(ref) == b"{}"
+    for peer in (judge, worker):
+        await peer.assert_clean()
+
+
 ARENA_REFUSED = {
     "publish a request around the gateway": _pub(subjects.gen_subject(MODEL)),
-    "submit a train job": _pub(roles.TRAIN_JOBS),
-    "publish job results": _pub(f"{roles.EVENTS_PREFIX}.judge.x"),
-    "take judge jobs": _api(lambda js: js.pull_subscribe(roles.JUDGE_JOBS, durable=roles.JUDGE_CONSUMER,
-                                                         stream=roles.JOBS_STREAM),
-                            f"$JS.API.CONSUMER.INFO.{roles.JOBS_STREAM}.{roles.JUDGE_CONSUMER}"),
-    "write an artifact": _pub(f"$O.{roles.ARTIFACTS_BUCKET}.C.x"),
+    "submit a train job": _pub(subjects.TRAIN_JOBS),
+    "publish job results": _pub(f"{subjects.EVENTS_PREFIX}.judge.x"),
+    "take judge jobs": _api(lambda js: js.pull_subscribe(subjects.JUDGE_JOBS, durable=subjects.JUDGE_CONSUMER,
+                                                         stream=subjects.JOBS_STREAM),
+                            f"$JS.API.CONSUMER.INFO.{subjects.JOBS_STREAM}.{subjects.JUDGE_CONSUMER}"),
+    "write an artifact": _pub(f"$O.{subjects.ARTIFACTS_BUCKET}.C.x"),
 }
 
 
@@ -312,8 +341,8 @@ async def test_arena_is_refused(planes, join, action):
 
 
 JOB_ROLES = {
-    "judge": (roles.JUDGE_CONSUMER, roles.JUDGE_JOBS, roles.TRAIN_CONSUMER, roles.TRAIN_JOBS),
-    "trainer": (roles.TRAIN_CONSUMER, roles.TRAIN_JOBS, roles.JUDGE_CONSUMER, roles.JUDGE_JOBS),
+    "judge": (subjects.JUDGE_CONSUMER, subjects.JUDGE_JOBS, subjects.TRAIN_CONSUMER, subjects.TRAIN_JOBS),
+    "trainer": (subjects.TRAIN_CONSUMER, subjects.TRAIN_JOBS, subjects.JUDGE_CONSUMER, subjects.JUDGE_JOBS),
 }
 
 
@@ -322,16 +351,16 @@ async def test_job_runner_takes_its_jobs_and_publishes_results(planes, join, rol
     consumer, jobs, _, _ = JOB_ROLES[role_name]
     admin, runner, worker = await join("admin"), await join(role_name), await join("worker")
     await admin.js.publish(jobs, b"job", headers={"Nats-Msg-Id": f"job-{role_name}"})
-    psub = await runner.js.pull_subscribe(jobs, durable=consumer, stream=roles.JOBS_STREAM)
+    psub = await runner.js.pull_subscribe(jobs, durable=consumer, stream=subjects.JOBS_STREAM)
     [job] = await psub.fetch(1, timeout=5)
     await job.in_progress()
     await job.ack()
-    await runner.js.publish(f"{roles.EVENTS_PREFIX}.{role_name}.done", b"result")
-    store = await runner.js.object_store(roles.ARTIFACTS_BUCKET)
+    await runner.js.publish(f"{subjects.EVENTS_PREFIX}.{role_name}.done", b"result")
+    store = await runner.js.object_store(subjects.ARTIFACTS_BUCKET)
     payload = os.urandom(1 << 20)
     await store.put(f"{role_name}.bin", payload)
     await store.put(f"{role_name}.bin", payload[:1000])  # a replacement purges the old chunks
-    read = await (await worker.js.object_store(roles.ARTIFACTS_BUCKET)).get(f"{role_name}.bin")
+    read = await (await worker.js.object_store(subjects.ARTIFACTS_BUCKET)).get(f"{role_name}.bin")
     assert read.data == payload[:1000]
     for peer in (runner, worker):
         await peer.assert_clean()
@@ -342,17 +371,17 @@ async def test_job_runner_cannot_take_the_others_jobs(planes, join, role_name):
     consumer, _, other_consumer, other_jobs = JOB_ROLES[role_name]
     runner = await join(role_name)
     await runner.refused_call(
-        runner.js.add_consumer(roles.JOBS_STREAM, name=consumer, durable_name=consumer,
+        runner.js.add_consumer(subjects.JOBS_STREAM, name=consumer, durable_name=consumer,
                                filter_subject=other_jobs, ack_policy=api.AckPolicy.EXPLICIT),
-        f"$JS.API.CONSUMER.CREATE.{roles.JOBS_STREAM}.{consumer}.{other_jobs}",
+        f"$JS.API.CONSUMER.CREATE.{subjects.JOBS_STREAM}.{consumer}.{other_jobs}",
     )
     await runner.refused_call(
-        runner.js.consumer_info(roles.JOBS_STREAM, other_consumer),
-        f"$JS.API.CONSUMER.INFO.{roles.JOBS_STREAM}.{other_consumer}",
+        runner.js.consumer_info(subjects.JOBS_STREAM, other_consumer),
+        f"$JS.API.CONSUMER.INFO.{subjects.JOBS_STREAM}.{other_consumer}",
     )
-    await _publish_refused(runner, f"$JS.API.CONSUMER.MSG.NEXT.{roles.JOBS_STREAM}.{other_consumer}")
+    await _publish_refused(runner, f"$JS.API.CONSUMER.MSG.NEXT.{subjects.JOBS_STREAM}.{other_consumer}")
     await _publish_refused(runner, other_jobs)
-    await _publish_refused(runner, f"{roles.ARENA_PREFIX}.vote.x")
+    await _publish_refused(runner, f"{subjects.ARENA_PREFIX}.vote.x")
     await _publish_refused(runner, subjects.gen_subject(MODEL))
 
 
