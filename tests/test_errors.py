@@ -128,8 +128,9 @@ def test_context_too_long_is_400_with_openai_message(client):
 def test_max_tokens_is_clamped_to_the_context(client, tokenizer):
     prompt = "hello " * 8000
     n_prompt = len(tokenizer(prompt)["input_ids"])
-    resp = client.completions.create(model=MODEL, prompt=prompt, max_tokens=100_000,
-                                     extra_body={"ignore_eos": True})
+    # an 8,000-token prefill takes most of a minute on a 2-core CPU: a longer client timeout
+    resp = client.with_options(timeout=600).completions.create(model=MODEL, prompt=prompt, max_tokens=100_000,
+                                                               extra_body={"ignore_eos": True})
     assert resp.usage.prompt_tokens == n_prompt
     assert resp.usage.completion_tokens == 8192 - n_prompt
     assert resp.choices[0].finish_reason == "length"

@@ -96,8 +96,8 @@ def test_worker_killed_before_first_token_loses_nothing(fabric, stack, tokenizer
     fabric.wait_workers(stack, model, 1)
     killed_id = next(iter(worker_ids(stack, model)))
     # A long prompt keeps the first worker in prefill for seconds, before any token.
-    prompt = "The quick brown fox jumps over the lazy dog. " * 700
-    client = openai_client(stack)
+    prompt = "The quick brown fox jumps over the lazy dog. " * 300  # ~3,000 tokens: seconds of prefill
+    client = openai_client(stack).with_options(timeout=600)
     call = Background(lambda: client.completions.with_raw_response.create(
         model=model, prompt=prompt, max_tokens=5, extra_body=LONG))
     wait_for(lambda: (model_entry(stack, model) or {}).get("in_flight") == 1, 30, "the request to be admitted")
@@ -106,7 +106,7 @@ def test_worker_killed_before_first_token_loses_nothing(fabric, stack, tokenizer
     pending, unacked = consumer_state(fabric.nats_url, model)
     assert unacked == 1, "the killed worker had not acked: the request is still owned by the stream"
     fabric.worker(model, "--max-concurrency", "1")
-    raw = call.value(timeout=180)
+    raw = call.value(timeout=600)
     resp = raw.parse()
     assert resp.usage.completion_tokens == 5
     assert resp.usage.prompt_tokens == len(tokenizer(prompt)["input_ids"])
