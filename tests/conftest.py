@@ -178,7 +178,7 @@ def stack(fabric):
 def client(stack):
     from openai import OpenAI
 
-    return OpenAI(base_url=f"{stack}/v1", api_key="unused", max_retries=0, timeout=120)
+    return OpenAI(base_url=f"{stack}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
 @pytest.fixture

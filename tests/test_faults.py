@@ -27,7 +27,7 @@ LONG = {"ignore_eos": True}
 
 
 def openai_client(base: str) -> OpenAI:
-    return OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+    return OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
 def model_entry(base: str, model: str) -> dict | None:
