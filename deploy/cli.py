@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 
 from ..proto.auth import add_auth_args
-from ..proto.bus import BusLost
+from ..proto.bus import DEFAULT_URL, BusLost
 
 log = logging.getLogger("chatfabric")
 
@@ -56,7 +56,7 @@ def add_common_args(p: argparse.ArgumentParser, command: Command) -> None:
         return
     embedded = command.name == "up"
     help_url = ("NATS server to join (default: $NATS_URL; with neither, an embedded server is started)" if embedded
-                else "NATS server to join (default: $NATS_URL, else nats://127.0.0.1:4222)")
+                else f"NATS server to join (default: $NATS_URL, else {DEFAULT_URL})")
     p.add_argument("--nats-url", default=os.environ.get("NATS_URL"), help=help_url)
     p.add_argument("--log-level", default=os.environ.get("CHATFABRIC_LOG_LEVEL", "INFO"), help="(default: %(default)s)")
     add_auth_args(p)

@@ -7,11 +7,8 @@ import asyncio
 import os
 
 from ..proto.auth import auth_from_args
-from ..proto.bus import BusConfig, connect
+from ..proto.bus import DEFAULT_URL, BusConfig, connect
 from .app import GatewayConfig, serve
-
-DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
-
 
 def add_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("gateway")
@@ -61,6 +58,6 @@ def config_from_args(args) -> GatewayConfig:
 async def run(args, stop: asyncio.Event) -> None:
     """Serve the OpenAI API on the fabric until `stop` is set."""
     config = config_from_args(args)
-    bus_config = BusConfig.from_env(url=args.nats_url or DEFAULT_NATS_URL)
+    bus_config = BusConfig.from_env(url=args.nats_url or DEFAULT_URL)
     async with connect(bus_config, "gateway", stop, auth=auth_from_args(args), role="gateway") as bus:
         await serve(bus, config, stop)

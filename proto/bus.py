@@ -96,6 +96,9 @@ class BusConfig:
         return cls(**values)
 
 
+DEFAULT_URL = "nats://127.0.0.1:4222"  # where gateways and workers look when no URL is given
+
+
 class QueueFull(Exception):
     """The model's request queue in the GEN stream is at its limit."""
 
@@ -358,10 +361,8 @@ class ConnectionWatch:
     closing: bool = False
 
 
-async def open_connection(url: str, watch: ConnectionWatch | str, **options) -> NATS:
+async def open_connection(url: str, watch: ConnectionWatch, **options) -> NATS:
     """Connect with endless reconnects; a lost connection is logged, never fatal."""
-    if isinstance(watch, str):
-        watch = ConnectionWatch(watch)
     name = watch.name
     nc = NATS()
 

@@ -10,12 +10,9 @@ import logging
 from pathlib import Path
 
 from ..proto.auth import auth_from_args
-from ..proto.bus import BusConfig, connect
+from ..proto.bus import DEFAULT_URL, BusConfig, connect
 
 log = logging.getLogger("chatfabric")
-
-DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
-
 
 def add_args(p: argparse.ArgumentParser) -> None:
     from .prompting import TEMPLATES
@@ -143,7 +140,7 @@ async def run(args, stop: asyncio.Event) -> None:
 
     backend, prompts, config = await load(args)
     try:
-        bus_config = BusConfig.from_env(url=args.nats_url or DEFAULT_NATS_URL)
+        bus_config = BusConfig.from_env(url=args.nats_url or DEFAULT_URL)
         async with connect(bus_config, "worker", stop, auth=auth_from_args(args), role="worker") as bus:
             await Worker(bus, backend, prompts, config).run(stop)
     finally:
