@@ -81,6 +81,9 @@ class EmbeddedServer:
                              "would let anyone on the network onto the bus")
         if self.port is None:
             self.port = 4222 if port_is_free(self.host, 4222) else free_port(self.host)
+        elif not port_is_free(self.host, self.port):
+            raise OSError(f"{self.host}:{self.port} is in use (another NATS server?): join it with --nats-url "
+                          f"nats://{self.host}:{self.port}, or choose another port")
         if self.store_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="chatfabric-nats-")
             self.store_dir = Path(self._tmp.name)
@@ -95,29 +98,36 @@ class EmbeddedServer:
         else:
             self.store_dir.chmod(0o700)
             write_private(conf, text + self.authorization)
+        logfile = self.store_dir / "nats-server.log"
+        logged = logfile.stat().st_size if logfile.exists() else 0
         self._proc = subprocess.Popen(
             [find_nats_server(), "-c", str(conf)],
             stdout=subprocess.DEVNULL,
-            stderr=open(self.store_dir / "nats-server.log", "ab"),
+            stderr=open(logfile, "ab"),
             start_new_session=True,
         )
-        self._wait_ready(timeout)
+        self._wait_ready(timeout, logfile, logged)
         log.info("embedded nats-server on %s (store %s)", self.url, self.store_dir)
         return self
 
-    def _wait_ready(self, timeout: float) -> None:
+    def _wait_ready(self, timeout: float, logfile: Path, offset: int) -> None:
+        """Until this process says it is ready (its log, from `offset`) and its port answers: a
+        port that answers alone may be another server's, taken between the check and the bind."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise RuntimeError(
-                    f"nats-server exited with {self._proc.returncode}; "
-                    f"see {self.store_dir / 'nats-server.log'}"
-                )
+                raise RuntimeError(f"nats-server exited with {self._proc.returncode}: {_last_line(logfile, offset)}; "
+                                   f"see {logfile}")
+            with open(logfile, "rb") as log_text:
+                log_text.seek(offset)
+                ready = b"Server is ready" in log_text.read()
             try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return
+                if ready:
+                    with socket.create_connection((self.host, self.port), timeout=0.2):
+                        return
             except OSError:
-                time.sleep(0.05)
+                pass
+            time.sleep(0.05)
         self.stop()
         raise TimeoutError(f"nats-server did not listen on {self.url} within {timeout:.0f}s")
 
@@ -143,3 +153,10 @@ class EmbeddedServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _last_line(logfile: Path, offset: int) -> str:
+    with open(logfile, "rb") as log_text:
+        log_text.seek(offset)
+        lines = log_text.read().decode(errors="replace").strip().splitlines()
+    return lines[-1] if lines else "no output"

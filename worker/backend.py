@@ -43,6 +43,14 @@ class Sampling:
         return self.temperature < GREEDY_BELOW
 
 
+class KVCacheFull(Exception):
+    """The request fits the KV cache budget, but not next to what is running now: retry later."""
+
+
+class TooLargeForCache(ValueError):
+    """The request alone needs more KV cache than the engine's whole budget."""
+
+
 @dataclass(frozen=True)
 class TokenEvent:
     token_id: int
@@ -60,8 +68,8 @@ class Backend(Protocol):
     generation_defaults: dict  # the model's own sampling defaults (temperature, top_p, ...)
     kv_free_tokens: int  # KV cache tokens not reserved by running requests
 
-    # generate raises engine.TooLargeForCache for a request that can never fit, and
-    # engine.KVCacheFull for one that does not fit next to the running ones (retry later).
+    # generate raises TooLargeForCache for a request that can never fit, and KVCacheFull for
+    # one that does not fit next to the running ones (retry later).
 
     def generate(self, prompt_ids: list[int], sampling: Sampling) -> AsyncIterator[TokenEvent]: ...
 

@@ -36,21 +36,13 @@ from typing import AsyncIterator, Callable, NamedTuple
 
 import torch
 
-from .backend import Sampling, TokenEvent
+from .backend import KVCacheFull, Sampling, TokenEvent, TooLargeForCache
 from .sampling import make_generator, pick_token
 
 log = logging.getLogger(__name__)
 
 
 HOLE_PATIENCE = 8  # decode steps a hole may wait for a joining sequence before the batch is compacted
-
-
-class KVCacheFull(Exception):
-    """The request fits the KV cache budget, but not next to what is running now: retry later."""
-
-
-class TooLargeForCache(ValueError):
-    """The request alone needs more KV cache than the engine's whole budget."""
 
 
 class Stage(Enum):

@@ -1,108 +1,15 @@
-"""Prompt rendering: chat messages or a raw prompt to token ids.
+"""Prompt rendering for the worker: the templates live in `proto.templates`, where the trainer
+imports them too; these names stay importable from here."""
 
-A model's own chat template (from its tokenizer) is used when it has one. For models without
-one, or to override it, a built-in template is chosen with `--conv-template`.
-"""
-
-from __future__ import annotations
-
-from typing import Callable, Sequence
-
-from ..proto.messages import ChatMessage
-
-VICUNA_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+from ..proto.templates import (
+    TEMPLATES,
+    VICUNA_SYSTEM,
+    PromptBuilder,
+    PromptError,
+    render_chatml,
+    render_llama2,
+    render_vicuna,
 )
 
-
-class PromptError(ValueError):
-    """The request cannot be rendered into a prompt for this model."""
-
-
-def _split_system(messages: Sequence[ChatMessage], default: str) -> tuple[str, list[ChatMessage]]:
-    system = [m.content for m in messages if m.role == "system"]
-    turns = [m for m in messages if m.role != "system"]
-    return ("\n".join(system) if system else default), turns
-
-
-def render_chatml(messages: Sequence[ChatMessage], bos: str, eos: str) -> str:
-    body = "".join(f"<|im_start|>{m.role}\n{m.content}<|im_end|>\n" for m in messages)
-    return body + "<|im_start|>assistant\n"
-
-
-def render_vicuna(messages: Sequence[ChatMessage], bos: str, eos: str) -> str:
-    system, turns = _split_system(messages, VICUNA_SYSTEM)
-    out = [system + " "]
-    for m in turns:
-        if m.role == "user":
-            out.append(f"USER: {m.content} ")
-        else:
-            out.append(f"ASSISTANT: {m.content}{eos}")
-    out.append("ASSISTANT:")
-    return bos + "".join(out)
-
-
-def render_llama2(messages: Sequence[ChatMessage], bos: str, eos: str) -> str:
-    system, turns = _split_system(messages, "")
-    out = []
-    first_user = True
-    for m in turns:
-        if m.role == "user":
-            content = m.content
-            if first_user and system:
-                content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
-            first_user = False
-            out.append(f"{bos}[INST] {content.strip()} [/INST]")
-        else:
-            out.append(f" {m.content.strip()} {eos}")
-    return "".join(out)
-
-
-TEMPLATES: dict[str, Callable[[Sequence[ChatMessage], str, str], str]] = {
-    "chatml": render_chatml,
-    "vicuna_v1.1": render_vicuna,
-    "llama-2": render_llama2,
-}
-
-
-class PromptBuilder:
-    """Turns a request's messages or prompt into token ids with one tokenizer."""
-
-    def __init__(self, tokenizer, conv_template: str | None = None):
-        if conv_template is not None and conv_template not in TEMPLATES:
-            raise ValueError(
-                f"unknown conversation template {conv_template!r}; choose one of {sorted(TEMPLATES)}"
-            )
-        self.tokenizer = tokenizer
-        self.conv_template = conv_template
-        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
-
-    @property
-    def can_chat(self) -> bool:
-        return self.conv_template is not None or self.has_chat_template
-
-    def chat_ids(self, messages: Sequence[ChatMessage]) -> list[int]:
-        if self.conv_template is not None:
-            bos = self.tokenizer.bos_token or ""
-            eos = self.tokenizer.eos_token or ""
-            text = TEMPLATES[self.conv_template](messages, bos, eos)
-        elif self.has_chat_template:
-            text = self.tokenizer.apply_chat_template(
-                [m.model_dump() for m in messages], add_generation_prompt=True, tokenize=False
-            )
-        else:
-            raise PromptError(
-                "this model has no chat template: use /v1/completions, or start its worker with "
-                f"--conv-template (one of {', '.join(sorted(TEMPLATES))})"
-            )
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def completion_ids(self, prompt: str | Sequence[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return list(self.tokenizer(prompt)["input_ids"])
-        vocab = len(self.tokenizer)
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise PromptError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
-        return list(prompt)
+__all__ = ["TEMPLATES", "VICUNA_SYSTEM", "PromptBuilder", "PromptError", "render_chatml", "render_llama2",
+           "render_vicuna"]

@@ -15,40 +15,8 @@ import math
 
 import torch
 
-from ..proto.messages import SamplingParams
 from .backend import Sampling
-
-
-def resolve(
-    params: SamplingParams,
-    *,
-    room: int,
-    eos_token_ids: frozenset[int],
-    defaults: dict,
-) -> Sampling:
-    """Fill the client's unset parameters from the model's defaults and clamp max_tokens to `room`
-    (the context left after the prompt)."""
-    max_tokens = min(params.max_tokens or room, room)
-
-    def pick(name: str, fallback):
-        value = getattr(params, name)
-        return value if value is not None else defaults.get(name, fallback)
-
-    top_k = pick("top_k", 0)
-    return Sampling(
-        max_tokens=max_tokens,
-        temperature=float(pick("temperature", 1.0)),
-        top_p=float(pick("top_p", 1.0)),
-        top_k=0 if top_k in (None, -1) else int(top_k),
-        min_tokens=min(params.min_tokens, max_tokens),
-        repetition_penalty=float(pick("repetition_penalty", 1.0)),
-        presence_penalty=params.presence_penalty,
-        frequency_penalty=params.frequency_penalty,
-        seed=params.seed,
-        stop_token_ids=frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else eos_token_ids),
-        ignore_eos=params.ignore_eos,
-        logit_bias=dict(params.logit_bias),
-    )
+from .params import resolve as resolve  # moved off torch; old imports keep working
 
 
 def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> None:

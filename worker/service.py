@@ -1,17 +1,17 @@
-"""The worker process: pull, admit, generate, stream, ack.
+"""The worker: generation requests served from the model's durable consumer.
 
-A worker pulls from its model's durable consumer only as many requests as it has free slots.
-Each request's life is `_serve`: it stays un-acked (with `in_progress` sent while it prefills)
-until its first token, so a worker that dies before then leaves it to another worker; it is
-acked on the first token. Cancellation arrives on `ctl.cancel.<request_id>` and cancels the
-request's task, which closes the backend's generator within one step.
+Pulling, keep-alive, ack/nak/term, deadlines, cancels and drain are the job runner's
+(`proto.jobs`): it pulls only as many requests as there are free slots, and a request stays
+un-acked (kept alive with `in_progress`) until its first token, so a worker that dies before
+then leaves it to another worker. What is left here is a request's life, `_serve`: render,
+resolve, generate, stream, final. A cancel (`ctl.cancel.<request_id>`) cancels the request's
+task, which closes the backend's generator within one step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.metadata
 import json
 import logging
 import os
@@ -22,11 +22,10 @@ import uuid
 from dataclasses import dataclass, field
 
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeout
 
 from ..proto.bus import Bus
+from ..proto.jobs import HandBack, Interrupt, Job, JobKind, JobRunner, JobState, Refuse, RunnerConfig
 from ..proto.messages import (
-    AliveMessage,
     CancelMessage,
     DeltaChunk,
     ErrorChunk,
@@ -34,30 +33,23 @@ from ..proto.messages import (
     GenerationRequest,
     HeartbeatChunk,
     MessageError,
-    ModelCard,
-    SamplingParams,
     Usage,
-    WorkerCard,
     decode,
-    encode,
 )
-from .backend import Backend
-from .engine import KVCacheFull, TooLargeForCache
+from .backend import Backend, KVCacheFull, TooLargeForCache
+from .params import check_for_model, resolve
+from .presence import Presence
 from .prompting import PromptBuilder, PromptError
-from .sampling import resolve
 from .textstream import IncrementalDetokenizer, StopMatcher
 
 log = logging.getLogger(__name__)
 
-CANCELLED_MEMORY = 600.0  # seconds a cancel for a not-yet-pulled request is remembered
 INLINE_RENDER_CHARS = 4096  # prompts up to this size are tokenized on the loop, longer ones off it
+KV_RETRY_DELAY = 0.5  # seconds before JetStream offers a request that did not fit the KV cache again
 
-
-def version() -> str:
-    try:
-        return importlib.metadata.version("chatfabric")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
+GENERATION = JobKind(
+    "generation", GenerationRequest, job_id=lambda r: r.request_id, deadline=lambda r: r.deadline
+)
 
 
 def new_worker_id() -> str:
@@ -93,7 +85,6 @@ class _Reply:
         self.attempt = attempt
         self.seq = 0
         self.last_sent = time.monotonic()
-        self.started = False
 
     async def send(self, chunk_type, **fields) -> None:
         chunk = chunk_type(
@@ -107,161 +98,74 @@ class _Reply:
         await self.send(ErrorChunk, code=code, message=message, param=param)
 
 
-@dataclass
-class _Running:
-    task: asyncio.Task
-    reply: _Reply
-
-
 class Worker:
     def __init__(self, bus: Bus, backend: Backend, prompts: PromptBuilder, config: WorkerConfig):
         self.bus = bus
         self.backend = backend
         self.prompts = prompts
         self.config = config
-        self.started_at = time.time()
-        self._running: dict[str, _Running] = {}  # by request id
-        self._cancelled: dict[str, float] = {}
-        self._slot_freed = asyncio.Event()
-        self._card_changed = asyncio.Event()
-        self._draining = False
-        # After a request did not fit the KV cache: the free tokens then. Pulling resumes once
-        # more than that is free (a running request finished).
-        self._kv_blocked_at: int | None = None
+        self.presence = Presence(bus, config, backend, lambda: self.in_flight)
+        self._runner: JobRunner[GenerationRequest] | None = None
 
     @property
     def in_flight(self) -> int:
-        return len(self._running)
-
-    def card(self) -> WorkerCard:
-        return WorkerCard(
-            worker_id=self.config.worker_id,
-            models=(ModelCard(name=self.config.model_name, context_length=self.backend.context_length),),
-            backend=self.backend.kind,
-            device=self.backend.device,
-            capacity=self.config.max_concurrency,
-            in_flight=self.in_flight,
-            version=version(),
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            started_at=self.started_at,
-            updated_at=time.time(),
-            ttl=self.bus.config.registry_ttl,
-            heartbeat_interval=self.config.heartbeat_interval,
-            # backends that manage their own cache (vLLM) have no budget to report
-            kv_cache_tokens=getattr(self.backend, "kv_cache_tokens", None),
-            kv_free_tokens=self.backend.kv_free_tokens if hasattr(self.backend, "kv_cache_tokens") else None,
-        )
-
-    # -- the pull loop ---------------------------------------------------------------------
+        return self._runner.active if self._runner is not None else 0
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Serve until `stop` is set, then shut down gracefully."""
+        """Serve until `stop` is set, then shut down gracefully: withdraw the card, hand back the
+        requests that have not started, let started ones finish for the shutdown grace."""
         psub = await self.bus.ensure_consumer(self.config.model_name)
-        cancel_sub = await self.bus.subscribe_cancels(self._on_cancel)
-        await self.bus.put_card(self.card())
-        self.bus.on_reconnect(self._announce)
-        card_task = asyncio.create_task(self._refresh_card(stop), name="card")
-        beat_task = asyncio.create_task(self._beat(), name="alive")
-        log.info("worker %s serving %r", self.config.worker_id, self.config.model_name)
-        try:
-            while not stop.is_set():
-                free = self.config.max_concurrency - self.in_flight
-                if free <= 0 or self._kv_blocked():
-                    self._slot_freed.clear()
-                    await _wait_any(self._slot_freed, stop)
-                    continue
-                try:
-                    msgs = await psub.fetch(free, timeout=1.0)
-                except (asyncio.TimeoutError, NatsTimeout):
-                    continue
-                for msg in msgs:
-                    await self._admit(msg)
-        finally:
-            for sub in (psub, cancel_sub):
-                with contextlib.suppress(Exception):  # a closed connection has nothing to undo
-                    await sub.unsubscribe()
-            await self._shutdown()
-            card_task.cancel()
-            beat_task.cancel()
-            with contextlib.suppress(Exception):
-                await self.bus.delete_card(self.config.worker_id)
-
-    async def _admit(self, msg: Msg) -> None:
-        if self._draining or self.in_flight >= self.config.max_concurrency:
-            await msg.nak()  # more than we asked for: let another worker (or us, later) take it
-            return
-        try:
-            request = decode(GenerationRequest, msg.data)
-        except MessageError as err:
-            await self._reject_malformed(msg, str(err))
-            return
-        if request.request_id in self._running:  # a redelivery of what we already serve
-            return
-        reply = _Reply(
-            self.bus, request.request_id, request.reply_to, self.config.worker_id, msg.metadata.num_delivered
+        self._runner = runner = JobRunner(
+            psub, GENERATION, self._serve,
+            RunnerConfig(
+                capacity=self.config.max_concurrency,
+                keep_alive=self.config.heartbeat_interval / 2,  # at the token plane's heartbeat ticks
+                shutdown_grace=self.config.shutdown_grace,
+            ),
+            on_invalid=self._reject_malformed,
+            on_dropped=self._answer_dropped,
+            on_active_change=self.presence.changed,
         )
-        task = asyncio.create_task(self._serve(msg, request, reply), name=request.request_id)
-        self._running[request.request_id] = _Running(task, reply)
-        self._card_changed.set()
-
-    def _kv_blocked(self) -> bool:
-        if self._kv_blocked_at is not None and self.backend.kv_free_tokens > self._kv_blocked_at:
-            self._kv_blocked_at = None
-        return self._kv_blocked_at is not None
-
-    async def _reject_malformed(self, msg: Msg, reason: str) -> None:
-        """Answer a request that failed validation on its reply inbox, if it names one."""
-        log.warning("rejected malformed request: %s", reason)
-        await msg.term()
-        try:
-            raw = json.loads(msg.data)
-            reply_to, request_id = raw["reply_to"], str(raw.get("request_id") or "unknown")
-        except (ValueError, KeyError, TypeError):
-            return
-        if isinstance(reply_to, str) and reply_to:
-            await _Reply(self.bus, request_id, reply_to, self.config.worker_id).error(
-                "invalid_request", reason
-            )
+        cancels = await self.bus.subscribe_cancels(self._on_cancel)
+        log.info("worker %s serving %r", self.config.worker_id, self.config.model_name)
+        async with self.presence, runner:  # leaving: the runner drains, then the beats stop
+            try:
+                await runner.pull(stop)
+            finally:
+                for sub in (psub, cancels):
+                    with contextlib.suppress(Exception):  # a closed connection has nothing to undo
+                        await sub.unsubscribe()
+                await self.presence.withdraw()
 
     # -- one request's life ----------------------------------------------------------------
 
-    async def _serve(self, msg: Msg, request: GenerationRequest, reply: _Reply) -> None:
-        keep_alive = asyncio.create_task(self._keep_alive(msg, reply))
+    async def _serve(self, job: Job[GenerationRequest]) -> None:
+        request = job.body
+        reply = _Reply(self.bus, request.request_id, request.reply_to, self.config.worker_id, job.delivery)
+        heartbeat = asyncio.create_task(self._heartbeat(job, reply))
         try:
-            if request.expired():
-                await msg.term()
-                await reply.error("deadline_exceeded", "the request expired before a worker took it")
-                return
-            if request.request_id in self._cancelled:
-                await msg.term()
-                return
-            await self._generate(msg, request, reply)
+            await self._generate(job, request, reply)
         except KVCacheFull:
-            # Fits the budget, not next to what runs now: back to JetStream, for us or a peer.
-            self._kv_blocked_at = self.backend.kv_free_tokens
-            await msg.nak(delay=0.5)
+            # Fits the budget, not next to what runs now: back to JetStream, for us or a peer,
+            # and nothing more pulled until a running request frees cache.
+            raise HandBack(KV_RETRY_DELAY, hold_pulls=True) from None
         except (PromptError, TooLargeForCache) as err:
-            await msg.term()
             await reply.error(
                 "context_length_exceeded" if isinstance(err, ContextTooLong) else "invalid_request",
                 str(err),
                 param=getattr(err, "param", None) or ("messages" if request.messages is not None else "prompt"),
             )
+            raise Refuse(str(err)) from None
         except asyncio.CancelledError:
-            await self._on_cancelled(msg, reply)
+            await self._say_stopped(job, reply)
+            raise
         except Exception as err:
-            log.exception("request %s failed", request.request_id)
-            if not reply.started:
-                await msg.term()
             await reply.error("internal_error", f"{type(err).__name__}: {err}")
+            raise
         finally:
-            keep_alive.cancel()
-            self._running.pop(request.request_id, None)
-            self._slot_freed.set()
-            self._card_changed.set()
+            heartbeat.cancel()
 
-    async def _generate(self, msg: Msg, request: GenerationRequest, reply: _Reply) -> None:
+    async def _generate(self, job: Job, request: GenerationRequest, reply: _Reply) -> None:
         if _input_chars(request) <= INLINE_RENDER_CHARS:
             prompt_ids = self._render(request)  # tens of microseconds: cheaper than a thread hop
         else:
@@ -281,9 +185,8 @@ class Worker:
         events = self.backend.generate(prompt_ids, sampling)
         try:
             async for event in events:
-                if not reply.started:
-                    reply.started = True
-                    await msg.ack()
+                if not job.started:
+                    await job.start()  # the first token: the request is ours for good
                 generated += 1
                 pending += 1
                 text = stops.feed(detok.push(event.token_id))
@@ -324,49 +227,49 @@ class Worker:
             )
         return ids
 
-    async def _on_cancelled(self, msg: Msg, reply: _Reply) -> None:
-        if self._draining and not reply.started:
-            await msg.nak()  # shutting down before the first token: another worker serves it
-            return
-        if not reply.started:
-            await msg.term()
-        code = "worker_shutdown" if self._draining else "cancelled"
+    async def _say_stopped(self, job: Job, reply: _Reply) -> None:
+        if job.interrupt is Interrupt.CANCEL:
+            code, message = "cancelled", "cancelled"
+        elif job.started:
+            code, message = "worker_shutdown", "the worker stopped this request"
+        else:
+            return  # handed back before its first token: another worker serves it
         with contextlib.suppress(Exception):
-            await reply.error(code, "the worker stopped this request" if self._draining else "cancelled")
+            await reply.error(code, message)
 
-    async def _keep_alive(self, msg: Msg, reply: _Reply) -> None:
-        """While a request waits for its first token, keep JetStream from redelivering it; at any
-        time, heartbeat the reply inbox when nothing else was sent for a while. A failed send
-        (the connection is down) is retried at the next tick, never ends the keep-alive."""
+    async def _heartbeat(self, job: Job, reply: _Reply) -> None:
+        """Heartbeat the reply inbox: before the first token at every tick, carrying the
+        delivery's ack subject so that a gateway can hand the request back soon after this
+        process dies; after it, whenever nothing else was sent for a heartbeat interval. A
+        failed send (the connection is down) is retried at the next tick."""
         interval = self.config.heartbeat_interval
         while True:
             await asyncio.sleep(interval / 2)
+            if job.started and time.monotonic() - reply.last_sent < interval:
+                continue
             try:
-                if not reply.started:
-                    await msg.in_progress()
-                # Before the first token every tick carries the delivery's ack subject, so that
-                # a gateway can hand the request back soon after this process dies.
-                if not reply.started or time.monotonic() - reply.last_sent >= interval:
-                    ack_subject = None if reply.started else msg.reply
-                    await reply.send(HeartbeatChunk, started=reply.started, ack_subject=ack_subject)
+                await reply.send(HeartbeatChunk, started=job.started,
+                                 ack_subject=None if job.started else job.ack_subject)
             except Exception as err:
-                log.debug("keep-alive of %s failed: %s", reply.request_id, err)
+                log.debug("heartbeat of %s failed: %s", reply.request_id, err)
 
-    async def _beat(self) -> None:
-        """Tell gateways this process is alive, every heartbeat interval, until it exits: a
-        gateway fails a started request within seconds when these stop (a killed worker)."""
-        while True:
-            try:
-                await self.bus.publish_alive(AliveMessage(worker_id=self.config.worker_id, in_flight=self.in_flight))
-            except Exception as err:
-                log.debug("liveness beat failed: %s", err)
-            await asyncio.sleep(self.config.heartbeat_interval)
+    # -- requests that never reach `_serve` ------------------------------------------------
 
-    async def _announce(self) -> None:
-        """After a reconnect, put the card back at once: it may have expired while NATS was down."""
-        self._card_changed.set()
+    async def _reject_malformed(self, data: bytes, error: MessageError) -> None:
+        """Answer a request that failed validation on its reply inbox, if it names one."""
+        try:
+            raw = json.loads(data)
+            reply_to, request_id = raw["reply_to"], str(raw.get("request_id") or "unknown")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return
+        if isinstance(reply_to, str) and reply_to:
+            await _Reply(self.bus, request_id, reply_to, self.config.worker_id).error("invalid_request", str(error))
 
-    # -- control plane ---------------------------------------------------------------------
+    async def _answer_dropped(self, job: Job[GenerationRequest]) -> None:
+        """A request past its deadline is told so; a cancelled one has nobody left to tell."""
+        if job.state is JobState.EXPIRED:
+            reply = _Reply(self.bus, job.id, job.body.reply_to, self.config.worker_id, job.delivery)
+            await reply.error("deadline_exceeded", "the request expired before a worker took it")
 
     async def _on_cancel(self, msg: Msg) -> None:
         try:
@@ -374,46 +277,7 @@ class Worker:
         except MessageError as err:
             log.warning("ignored malformed cancel: %s", err)
             return
-        running = self._running.get(cancel.request_id)
-        if running is not None:
-            log.info("cancelling %s: %s", cancel.request_id, cancel.reason)
-            running.task.cancel()
-            return
-        now = time.monotonic()
-        self._cancelled[cancel.request_id] = now
-        for request_id, when in list(self._cancelled.items()):
-            if now - when > CANCELLED_MEMORY:
-                del self._cancelled[request_id]
-
-    async def _refresh_card(self, stop: asyncio.Event) -> None:
-        """Keep the registry card fresh: on every change of load, and at least every ttl/3."""
-        period = self.bus.config.registry_ttl / 3
-        while not stop.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._card_changed.wait(), timeout=period)
-            self._card_changed.clear()
-            try:
-                await self.bus.put_card(self.card())
-            except Exception as err:  # a lost connection must not kill the worker
-                log.warning("registry refresh failed: %s", err)
-            await asyncio.sleep(0.1)
-
-    async def _shutdown(self) -> None:
-        """Deregister, hand back requests that have not started, let started ones finish."""
-        self._draining = True
-        with contextlib.suppress(Exception):
-            await self.bus.delete_card(self.config.worker_id)
-        for running in list(self._running.values()):
-            if not running.reply.started:
-                running.task.cancel()
-        pending = [running.task for running in self._running.values()]
-        if pending:
-            log.info("waiting up to %.0fs for %d requests", self.config.shutdown_grace, len(pending))
-            _, late = await asyncio.wait(pending, timeout=self.config.shutdown_grace)
-            for task in late:
-                task.cancel()
-            if late:
-                await asyncio.wait(late)
+        self._runner.cancel(cancel.request_id, cancel.reason)
 
 
 def _input_chars(request: GenerationRequest) -> int:
@@ -424,34 +288,3 @@ def _input_chars(request: GenerationRequest) -> int:
 
 class ContextTooLong(PromptError):
     """The prompt leaves no room for a completion."""
-
-
-class InvalidParameter(PromptError):
-    """A sampling parameter this model cannot honour; `param` names it."""
-
-    def __init__(self, message: str, param: str):
-        super().__init__(message)
-        self.param = param
-
-
-def check_for_model(params: SamplingParams, *, vocab: int, room: int) -> None:
-    """The rules that need the model: token ids within its vocabulary, min_tokens within the
-    context left after the prompt."""
-    for name, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
-        bad = [t for t in ids if t >= vocab]
-        if bad:
-            raise InvalidParameter(f"{name}: token ids out of range [0, {vocab}): {bad[:5]}", name)
-    if params.min_tokens > room:
-        raise InvalidParameter(
-            f"min_tokens ({params.min_tokens}) exceeds the {room} tokens left in the context after the prompt",
-            "min_tokens",
-        )
-
-
-async def _wait_any(*events: asyncio.Event) -> None:
-    waiters = [asyncio.create_task(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
