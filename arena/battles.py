@@ -32,16 +32,30 @@ class BattleFormatError(ValueError):
 def read_battles(path: str | Path) -> Battles:
     """All battles of a clean-battle file, in file order (see `sort_by_time`)."""
     columns = _Columns()
+    for line, record in read_records(path):
+        try:
+            columns.append(record)
+        except (KeyError, TypeError, ValueError) as error:
+            raise BattleFormatError(f"{path}:{line}: {_describe(error)}") from None
+    return columns.table()
+
+
+def read_records(path: str | Path):
+    """(line, parsed JSON value) for each battle of a JSON array or JSON Lines file, unchecked."""
     with open(path, encoding="utf-8") as file:
         is_array = _first_character(file) == "["
         file.seek(0)
-        records = _array_records(file.read(), path) if is_array else _line_records(file, path)
-        for line, record in records:
-            try:
-                columns.append(record)
-            except (KeyError, TypeError, ValueError) as error:
-                raise BattleFormatError(f"{path}:{line}: {_describe(error)}") from None
-    return columns.table()
+        yield from _array_records(file.read(), path) if is_array else _line_records(file, path)
+
+
+def check_battle(record) -> None:
+    """Raise KeyError, TypeError or ValueError saying what makes `record` not a battle."""
+    _Columns().append(record)
+
+
+def describe(error: Exception) -> str:
+    """A record error in words: what `read_battles` puts after `file:line: `."""
+    return _describe(error)
 
 
 def _first_character(file) -> str:

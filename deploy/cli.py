@@ -28,6 +28,8 @@ class Command:
     description: str
     module: str  # relative to the chatfabric package, holding add_args(parser) and run(args, stop)
     joins_bus: bool = True
+    # a command with subcommands: add_args(parser, common) adds the common flags to each of them
+    subcommands: bool = False
 
 
 COMMANDS = (
@@ -41,6 +43,13 @@ COMMANDS = (
     Command("bench", "benchmark an OpenAI-compatible endpoint",
             "Measure TTFT, TPOT, inter-token latency, end-to-end latency and throughput of any "
             "OpenAI-compatible server (chatfabric, vLLM, FastChat).", "bench.cli", joins_bus=False),
+    Command("leaderboard", "rate the models from the arena's votes",
+            "The arena leaderboard (Bradley-Terry with bootstrap intervals, online Elo, style control) from a "
+            "replay of the ARENA stream, as of any time, or from a FastChat clean-battle file; --follow keeps "
+            "it current and publishes snapshots.", "arena.leaderboard_cli"),
+    Command("arena", "the arena: web UI, import and export of votes",
+            "The Chatbot Arena on the fabric: `serve` the web UI, `import` a FastChat clean-battle file into "
+            "ARENA, `export` ARENA's votes in that format.", "arena.cli", subcommands=True),
 )
 
 
@@ -69,8 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         p = sub.add_parser(command.name, help=command.help, description=command.description)
-        component(command).add_args(p)
-        add_common_args(p, command)
+        if command.subcommands:
+            component(command).add_args(p, lambda subparser, c=command: add_common_args(subparser, c))
+        else:
+            component(command).add_args(p)
+            add_common_args(p, command)
     return parser
 
 

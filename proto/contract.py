@@ -20,7 +20,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from . import subjects
-from .roles import kv_stream, obj_stream
+from .roles import LEADERBOARD_CONSUMER, kv_stream, obj_stream
 
 if TYPE_CHECKING:
     from .bus import BusConfig
@@ -174,13 +174,17 @@ class ConsumerSpec:
     max_deliver: int = -1
     max_waiting: int = 512
     sources: tuple[tuple[str, str], ...] = ()
+    start_seq: int | None = None  # where a new consumer starts (default: the first message)
 
     @property
     def label(self) -> str:
         return f"consumer {self.name} on {self.stream}"
 
     def config(self) -> api.ConsumerConfig:
-        return api.ConsumerConfig(name=self.name, durable_name=self.name, **self.settings())
+        config = api.ConsumerConfig(name=self.name, durable_name=self.name, **self.settings())
+        if self.start_seq is not None:
+            config = config.evolve(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self.start_seq)
+        return config
 
     def settings(self) -> dict[str, object]:
         return {
@@ -262,6 +266,14 @@ def job_consumer(config: "BusConfig", kind: str) -> ConsumerSpec:
     subject = subjects.job_subject(kind)
     return ConsumerSpec(subjects.JOBS_STREAM, subjects.JOB_KINDS[kind][1], subject,
                         ack_wait=config.ack_wait, max_deliver=config.max_deliver, sources=_CONSUMER_SOURCES)
+
+
+def leaderboard_consumer(config: "BusConfig", start_seq: int | None = None) -> ConsumerSpec:
+    """The leaderboard follower's consumer on ARENA (votes and conversations). `start_seq`
+    applies only when it is created: one that exists resumes where it was acknowledged."""
+    return ConsumerSpec(subjects.ARENA_STREAM, LEADERBOARD_CONSUMER, f"{subjects.ARENA_PREFIX}.>",
+                        ack_wait=config.ack_wait, max_deliver=config.max_deliver, sources=_CONSUMER_SOURCES,
+                        start_seq=start_seq)
 
 
 # -- comparing ---------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The fabric's roles as data: one NATS user per role, with least-privilege permissions.
 
-Each role (gateway, worker, arena, judge, trainer, admin) is a `Role`: the subjects it may
+Each role (gateway, worker, arena, leaderboard, judge, trainer, admin) is a `Role`: the subjects it may
 publish to and subscribe to, built from the contract's names, and the inbox prefix its
 connections use. nats-py's JetStream API replies, pull fetches and watchers arrive on
 `<prefix>.>`, so a role reads its own replies and never another role's (workers cannot read the
@@ -27,6 +27,11 @@ def kv_stream(bucket: str) -> str:
 
 def obj_stream(bucket: str) -> str:
     return f"OBJ_{bucket}"
+
+
+# The leaderboard follower's durable consumer on ARENA and the object its snapshots replace.
+LEADERBOARD_CONSUMER = "leaderboard"
+LEADERBOARD_SNAPSHOT = "leaderboard/latest.json"
 
 
 def _api(*tokens: str) -> str:
@@ -193,6 +198,17 @@ def build_roles() -> dict[str, Role]:
         subscribe=[],
         deny_publish=(gen_all,),
     )
+    leaderboard = _role(
+        "leaderboard",
+        "replays ARENA, follows it through its durable consumer `leaderboard`, writes snapshots as artifacts",
+        publish=[
+            *_stream_reader(ARENA_STREAM), *_pull_consumer(ARENA_STREAM, LEADERBOARD_CONSUMER, f"{ARENA_PREFIX}.>"),
+            # connecting looks the registry bucket up (it reads no key)
+            _api("STREAM.INFO", registry), *_objects_writer(ARTIFACTS_BUCKET),
+        ],
+        subscribe=[],
+        deny_publish=(gen_all, f"{ARENA_PREFIX}.>", f"{JOBS_PREFIX}.>", f"{EVENTS_PREFIX}.>"),
+    )
     judge = _job_runner("judge", "takes judge jobs, publishes progress and results, writes artifacts",
                         JUDGE_CONSUMER, JUDGE_JOBS)
     trainer = _job_runner("trainer", "takes train jobs, publishes progress, writes adapters as artifacts",
@@ -205,7 +221,7 @@ def build_roles() -> dict[str, Role]:
         inbox_prefix="_INBOX_admin",
         ensures_contract=True,
     )
-    return {r.name: r for r in (admin, gateway, worker, arena, judge, trainer)}
+    return {r.name: r for r in (admin, gateway, worker, arena, leaderboard, judge, trainer)}
 
 
 def _job_runner(name: str, summary: str, consumer: str, jobs: str) -> Role:
