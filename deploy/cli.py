@@ -50,6 +50,9 @@ COMMANDS = (
     Command("arena", "the arena: web UI, import and export of votes",
             "The Chatbot Arena on the fabric: `serve` the web UI, `import` a FastChat clean-battle file into "
             "ARENA, `export` ARENA's votes in that format.", "arena.cli", subcommands=True),
+    Command("judge", "MT-bench style LLM-as-a-judge: run, serve, show, agreement, cancel",
+            "Judge models' answers with an LLM judge (FastChat's MT-bench method), as jobs on the fabric "
+            "shared by any number of judge services, or --local.", "judge.cli", subcommands=True),
 )
 
 

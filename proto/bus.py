@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import hashlib
 import logging
 import os
@@ -34,8 +35,8 @@ from nats.js.object_store import ObjectStore
 from . import contract, subjects
 from .auth import NatsAuth
 from .embedded import EmbeddedServer
-from .events import ArtifactRef, Event
-from .messages import AliveMessage, CancelMessage, GenerationRequest, WorkerCard, encode
+from .events import ArtifactRef, Event, job_event_model
+from .messages import AliveMessage, CancelMessage, GenerationRequest, MessageError, WorkerCard, decode, encode
 from .roles import role as find_role
 
 log = logging.getLogger(__name__)
@@ -307,6 +308,75 @@ class Bus:
             raise ArtifactMismatch(f"artifact {ref.name!r} changed since it was referenced: "
                                    f"{ref.digest} ({ref.size} bytes) wanted, {found} ({len(data)} bytes) stored")
         return data
+
+    async def read_artifact(self, name: str) -> bytes | None:
+        """The current content stored as `name`, or None when there is none (unpinned: for
+        records a process keeps and finds again by name, such as a judge's answers)."""
+        store = await self._artifact_store()
+        try:
+            return (await store.get(name)).data or b""
+        except ObjectNotFoundError:
+            return None
+
+    async def has_artifact(self, name: str) -> bool:
+        """Whether an object called `name` is stored (one lookup, its content not read)."""
+        store = await self._artifact_store()
+        try:
+            await store.get_info(name)
+            return True
+        except ObjectNotFoundError:
+            return False
+
+    # -- the job plane: durable consumers on JOBS, job events on EVENTS ------------------------
+
+    async def job_subscription(self, kind: str) -> JetStreamContext.PullSubscription:
+        """Bind to (creating if needed) the durable pull consumer shared by every runner of one
+        job kind (`judge`, `train`); `contract.ContractMissing` when JOBS does not exist yet."""
+        spec = contract.job_consumer(self.config, kind)
+        await self.ensure(spec)
+        return await self.js.pull_subscribe_bind(spec.name, stream=spec.stream)
+
+    async def last_event(self, model: type[Event], subject: str) -> Event | None:
+        """The last event stored on `subject` (None: none, or it does not validate)."""
+        try:
+            msg = await self.js.get_last_msg(model.STREAM, subject)
+        except NotFoundError:
+            return None
+        try:
+            return decode(model, msg.data or b"")
+        except MessageError as err:
+            log.warning("%s: the last message on %s does not validate: %s", model.STREAM, subject, err)
+            return None
+
+    @contextlib.asynccontextmanager
+    async def follow_job_events(self, subject_filter: str, since: float | None = None
+                                ) -> AsyncIterator[asyncio.Queue]:
+        """Hear job events (`JobProgress`, `JobResult`, `JobCancel`) on `subject_filter` as they
+        are stored, from `since` (unix time; None: only new ones), through an ordered consumer
+        of EVENTS. Yields a queue of validated events; others are logged and skipped."""
+        events: asyncio.Queue = asyncio.Queue()
+
+        async def deliver(msg) -> None:
+            model = job_event_model(msg.subject)
+            if model is None:
+                return
+            try:
+                events.put_nowait(decode(model, msg.data))
+            except MessageError as err:
+                log.warning("skipped an event on %s: %s", msg.subject, err)
+
+        config = api.ConsumerConfig()
+        if since is not None:
+            start = datetime.datetime.fromtimestamp(since, datetime.timezone.utc)
+            config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_TIME, opt_start_time=start)
+        sub = await self.js.subscribe(subject_filter, stream=subjects.EVENTS_STREAM, cb=deliver,
+                                      ordered_consumer=True, config=config,
+                                      deliver_policy=None if since is not None else api.DeliverPolicy.NEW)
+        try:
+            yield events
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
 
     # -- core NATS: control and token planes -----------------------------------------------
 

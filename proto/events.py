@@ -14,11 +14,11 @@ import time
 import uuid
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .messages import ChatMessage, ModelName, SamplingParams, Text, _Message
 from .subjects import (ARENA_STREAM, ARTIFACTS_BUCKET, CONVERSATION_PREFIX, EVENTS_PREFIX, EVENTS_STREAM,
-                       JOBS_STREAM, JUDGE_JOBS, TRAIN_JOBS, VOTE_PREFIX, conversation_subject,
+                       JOBS_STREAM, JUDGE_JOBS, TRAIN_JOBS, VOTE_PREFIX, conversation_subject, job_cancel_subject,
                        progress_subject, result_subject, vote_subject)
 
 # Ids also appear as subject tokens (events.result.<job id>), hence the alphabet.
@@ -26,6 +26,11 @@ EventId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0
 Winner = Literal["model_a", "model_b", "tie", "tie (bothbad)"]
 JobKind = Literal["judge", "train"]
 Scalar = float | int | str | bool
+JudgeMode = Literal["single", "pairwise-baseline", "pairwise-all"]
+# FastChat's question ids are numbers (MT-bench) or strings (other sets)
+QuestionId = int | Annotated[str, Field(min_length=1, max_length=128)]
+Url = Annotated[str, Field(pattern=r"^https?://[^\s]+$", max_length=2048)]
+MAX_JOB_ID = 96  # a judge job's parts are named `<job id>-p<index>`, within EventId's 128
 
 
 def new_id() -> str:
@@ -90,7 +95,17 @@ class ConversationLog(Event):
 
 
 class JudgeJob(Event):
-    """Judge `models`' answers to a benchmark's questions with `judge_model`."""
+    """Judge `models`' answers to a benchmark's questions with `judge_model` (`judge/`).
+
+    The questions are the named `bench` (a folder of the shared data) or, when `bench_data` or
+    `bench_file` is set, that question file (FastChat's question.jsonl shape, references
+    optional; `judge.bench.bench_file_payload`). A judge service
+    fans a job out into parts, one per question: the same job with `part_of` naming it and
+    `questions` holding the part's one question. `id` is one submission (its Nats-Msg-Id);
+    `name` is the job: answers and judgments are stored under it, so a job submitted again
+    under its name resumes where it stopped and redoes nothing. Progress, result and cancel
+    events carry the name as their `job_id`. API keys never travel on the bus: each service
+    uses its own."""
 
     STREAM: ClassVar[str] = JOBS_STREAM
     SUBJECTS: ClassVar[str] = JUDGE_JOBS
@@ -98,6 +113,44 @@ class JudgeJob(Event):
     bench: str = Field(default="mt_bench", pattern=r"^[A-Za-z0-9_-]+$")
     models: tuple[ModelName, ...] = Field(min_length=1)
     judge_model: ModelName
+    mode: JudgeMode = "single"
+    baseline: ModelName | None = None  # pairwise-baseline: every model against this one
+    bench_data: str | None = Field(default=None, max_length=4 << 20)  # a question file sent inline
+    bench_file: ArtifactRef | None = None  # ...which the service stores: its parts point at it
+    questions: tuple[QuestionId, ...] = Field(default=(), max_length=10_000)  # a subset; empty: all
+    gateway_url: Url | None = None  # where the contestants answer; None: the service's own
+    judge_base_url: Url | None = None  # the judge's OpenAI-compatible endpoint; None: the gateway
+    max_tokens: int = Field(default=1024, ge=1, le=65536)  # per answer turn (FastChat: 1024)
+    judge_max_tokens: int = Field(default=2048, ge=1, le=65536)  # per judgment (FastChat: 2048)
+    parallel: int = Field(default=8, ge=1, le=256)  # calls at once, per service
+    judge_retries: int = Field(default=2, ge=0, le=10)  # more judge calls for an unparseable judgment
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)  # sampled answers are seeded from it
+    name: EventId | None = None  # None: the id
+    part_of: EventId | None = None
+
+    @property
+    def job_name(self) -> str:
+        return self.name or self.id
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "JudgeJob":
+        if self.part_of is None and len(self.id) > MAX_JOB_ID:
+            raise ValueError(f"a judge job id is at most {MAX_JOB_ID} characters, got {len(self.id)}")
+        if self.bench_data is not None and self.bench_file is not None:
+            raise ValueError("bench_data and bench_file: give one, not both")
+        if self.part_of is not None and len(self.questions) != 1:
+            raise ValueError("questions: a part of a judge job holds exactly one question")
+        if len(set(self.models)) != len(self.models):
+            raise ValueError("models: a model is named twice")
+        if self.mode == "pairwise-baseline" and self.baseline is None:
+            raise ValueError("baseline: mode pairwise-baseline needs a baseline model")
+        if self.mode != "pairwise-baseline" and self.baseline is not None:
+            raise ValueError(f"baseline: only mode pairwise-baseline takes one, not {self.mode}")
+        if self.mode == "pairwise-all" and len(self.models) < 2:
+            raise ValueError("models: mode pairwise-all needs at least two models")
+        if self.mode == "pairwise-baseline" and self.models == (self.baseline,):
+            raise ValueError("models: pairwise-baseline needs a model besides the baseline")
+        return self
 
     def subject(self) -> str:
         return JUDGE_JOBS
@@ -150,3 +203,47 @@ class JobResult(Event):
 
     def subject(self) -> str:
         return result_subject(self.job_id)
+
+
+class JobCancel(Event):
+    """A request to stop a job. Stored, so that a runner that pulls the job (or one of its
+    parts) later drops it, and heard at once by the runners that are running it."""
+
+    STREAM: ClassVar[str] = EVENTS_STREAM
+    SUBJECTS: ClassVar[str] = f"{EVENTS_PREFIX}.cancel.>"
+
+    job_id: EventId
+    kind: JobKind
+    reason: str = Field(default="", max_length=1024)
+
+    def subject(self) -> str:
+        return job_cancel_subject(self.job_id)
+
+
+class ModelPublished(Event):
+    """A trained model or adapter stored as `artifact` (`proto/model_artifacts.py`), servable as
+    `artifact://<model>`; `card` holds its model card's headline (base model, data, metrics)."""
+
+    STREAM: ClassVar[str] = EVENTS_STREAM
+    SUBJECTS: ClassVar[str] = f"{EVENTS_PREFIX}.model.published.>"
+
+    model: ModelName
+    artifact: ArtifactRef
+    kind: Literal["adapter", "model"]
+    base_model: Text
+    job_id: EventId | None = None
+    card: dict[str, Scalar] = Field(default_factory=dict)
+
+    def subject(self) -> str:
+        return f"{EVENTS_PREFIX}.model.published.{model_token(self.model)}"
+
+
+JOB_EVENTS: tuple[type[Event], ...] = (JobProgress, JobResult, JobCancel)
+
+
+def job_event_model(subject: str) -> type[Event] | None:
+    """Which of the job events is stored on `subject` (None: none of them)."""
+    for model in JOB_EVENTS:
+        if subject.startswith(model.SUBJECTS[:-1]):
+            return model
+    return None

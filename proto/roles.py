@@ -189,10 +189,10 @@ def build_roles() -> dict[str, Role]:
     )
     arena = _role(
         "arena",
-        "records votes and conversations in ARENA, replays it, submits judge jobs",
+        "records votes and conversations in ARENA, replays it, submits and cancels judge jobs",
         publish=[
             *_stream_admin(ARENA_STREAM), *_stream_reader(ARENA_STREAM), f"{ARENA_PREFIX}.>",
-            *_stream_admin(JOBS_STREAM), JUDGE_JOBS,
+            *_stream_admin(JOBS_STREAM), JUDGE_JOBS, subjects.job_cancel_subject("*"),
             *_stream_reader(EVENTS_STREAM), *_objects_reader(ARTIFACTS_BUCKET),
         ],
         subscribe=[],
@@ -225,16 +225,19 @@ def build_roles() -> dict[str, Role]:
 
 
 def _job_runner(name: str, summary: str, consumer: str, jobs: str) -> Role:
+    """A service that takes one kind of job. It may publish that kind (a judge fans a job out
+    into parts on its own subject) but no other, and reads EVENTS (a job's cancel)."""
+    other_jobs = tuple(subject for subject, _ in subjects.JOB_KINDS.values() if subject != jobs)
     return _role(
         name,
         summary,
         publish=[
-            *_stream_admin(JOBS_STREAM), *_pull_consumer(JOBS_STREAM, consumer, jobs),
-            *_stream_admin(EVENTS_STREAM), f"{EVENTS_PREFIX}.>",
+            *_stream_admin(JOBS_STREAM), *_pull_consumer(JOBS_STREAM, consumer, jobs), jobs,
+            *_stream_admin(EVENTS_STREAM), *_stream_reader(EVENTS_STREAM), f"{EVENTS_PREFIX}.>",
             *_objects_writer(ARTIFACTS_BUCKET),
         ],
         subscribe=[],
-        deny_publish=(f"{subjects.GEN_PREFIX}.>", f"{JOBS_PREFIX}.>"),
+        deny_publish=(f"{subjects.GEN_PREFIX}.>", *other_jobs),
     )
 
 

@@ -38,7 +38,7 @@ TRAIN_CONSUMER = "trainer"  # the trainers' one, filtered on TRAIN_JOBS
 # job kind -> (its subject in JOBS, the durable consumer that takes it)
 JOB_KINDS = {"judge": (JUDGE_JOBS, JUDGE_CONSUMER), "train": (TRAIN_JOBS, TRAIN_CONSUMER)}
 EVENTS_STREAM = "EVENTS"
-EVENTS_PREFIX = "events"  # events.progress.<job>, events.result.<job>
+EVENTS_PREFIX = "events"  # events.progress.<job>, events.result.<job>, events.cancel.<job>
 ARTIFACTS_BUCKET = "artifacts"  # JetStream object store
 
 MAX_MODEL_NAME_CHARS = 256
@@ -155,3 +155,13 @@ def progress_subject(job_id: str) -> str:
 
 def result_subject(job_id: str) -> str:
     return f"{EVENTS_PREFIX}.result.{job_id}"
+
+
+def job_cancel_subject(job_id: str) -> str:
+    """Where a job's cancel is recorded: stored, so a runner that pulls the job later sees it."""
+    return f"{EVENTS_PREFIX}.cancel.{job_id}"
+
+
+def job_events(job_id: str) -> str:
+    """Every event about one job: its progress, its result and its cancel."""
+    return f"{EVENTS_PREFIX}.*.{job_id}"
