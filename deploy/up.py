@@ -1,5 +1,6 @@
-"""`chatfabric up`: NATS (embedded, or the fabric at $NATS_URL), a gateway and a worker in one
-process on one machine. It composes the gateway's and the worker's own flags and runs."""
+"""`chatfabric up`: NATS (embedded, or the fabric at $NATS_URL), a gateway, a worker per model
+and the arena web UI, in one process on one machine. It composes the components' own flags and
+runs; it adds none of its own behaviour beyond starting them together."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import logging
 import os
 from pathlib import Path
 
+from ..arena import ui as arena_ui
 from ..gateway import cli as gateway_cli
 from ..proto.auth import (
     CREDENTIALS_FILE,
@@ -35,7 +37,15 @@ def data_dir() -> Path:
 
 def add_args(p: argparse.ArgumentParser) -> None:
     gateway_cli.add_args(p)
-    worker_cli.add_args(p)
+    worker_cli.add_args(p, several=True)
+    arena_ui.add_ui_args(p)
+    p.add_argument("--no-arena", dest="arena", action="store_false", help="do not start the arena web UI")
+    p.add_argument("--arena-host", default="127.0.0.1", help="address the arena listens on (default: %(default)s)")
+    p.add_argument("--arena-port", type=int, default=arena_ui.DEFAULT_PORT,
+                   help="the arena's HTTP port (default: %(default)s)")
+    p.add_argument("--snapshot-interval", type=float, default=10.0,
+                   help="with the arena, the leaderboard follower publishes a snapshot at most this often, "
+                   "in seconds (default: %(default)s)")
     p.add_argument("--data-dir", type=Path, default=data_dir(), help="embedded NATS storage (default: %(default)s)")
     p.add_argument("--nats-host", default="127.0.0.1",
                    help="address the embedded NATS server listens on (default: %(default)s, this machine only); "
@@ -45,25 +55,58 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 async def run(args, stop: asyncio.Event) -> None:
-    """Run a gateway and a worker on one connection until `stop` is set."""
+    """Run a gateway, a worker per model and the arena on one connection until `stop` is set."""
     from ..gateway.app import serve
     from ..worker.service import Worker
 
     gw_config = gateway_cli.config_from_args(args)
-    backend, prompts, wk_config = await worker_cli.load(args)
-    try:
-        async with embedded_or_joined(args) as (bus_config, auth, joining):
-            async with connect(bus_config, "chatfabric-up", stop, auth=auth, role="admin") as bus:
-                worker = asyncio.create_task(Worker(bus, backend, prompts, wk_config).run(stop), name="worker")
-                gateway = asyncio.create_task(serve(bus, gw_config, stop), name="gateway")
-                await asyncio.sleep(0.5)
-                if not (worker.done() or gateway.done()):
-                    print_banner(gw_config, bus.nc.connected_url, wk_config.model_name, joining)
-                await asyncio.wait([worker, gateway], return_when=asyncio.FIRST_EXCEPTION)
-                stop.set()
-                await asyncio.gather(worker, gateway)
-    finally:
-        await backend.close()
+    arena_config = arena_config_from_args(args, gw_config) if args.arena else None
+    arena_socket = arena_ui.bind(arena_config.host, arena_config.port) if arena_config else None
+    async with contextlib.AsyncExitStack() as stack:
+        if arena_socket is not None:
+            stack.callback(arena_socket.close)
+        workers = []
+        for model_args in worker_cli.models_from_args(args):
+            backend, prompts, wk_config = await worker_cli.load(model_args)
+            stack.push_async_callback(backend.close)
+            workers.append((backend, prompts, wk_config))
+        bus_config, auth, joining = await stack.enter_async_context(embedded_or_joined(args))
+        bus = await stack.enter_async_context(connect(bus_config, "chatfabric-up", stop, auth=auth, role="admin"))
+        tasks = [asyncio.create_task(Worker(bus, *worker).run(stop), name=f"worker {worker[2].model_name}")
+                 for worker in workers]
+        tasks.append(asyncio.create_task(serve(bus, gw_config, stop), name="gateway"))
+        if arena_config is not None:
+            tasks.append(asyncio.create_task(arena_ui.serve(bus, arena_config, stop, sock=arena_socket), name="arena"))
+            if args.nats_url:  # someone else's fabric: it may have its follower already
+                log.info("joined fabric: not starting a leaderboard follower (run `chatfabric leaderboard --follow` "
+                         "once per fabric)")
+            else:
+                tasks.append(asyncio.create_task(follow_leaderboard(bus, args, stop), name="leaderboard"))
+        await asyncio.sleep(0.5)
+        if not any(task.done() for task in tasks):
+            arena_url = f"http://{_shown(arena_config.host)}:{arena_config.port}/" if arena_config else None
+            print_banner(gw_config, bus.nc.connected_url, [w[2].model_name for w in workers], joining, arena_url)
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        stop.set()
+        await asyncio.gather(*tasks)
+
+
+async def follow_leaderboard(bus, args, stop: asyncio.Event) -> None:
+    """The arena's Leaderboard tab reads the snapshots of one follower per fabric: this one."""
+    from ..arena.feed import FollowOptions, follow
+
+    await follow(bus, FollowOptions(snapshot_interval=args.snapshot_interval), stop)
+
+
+def arena_config_from_args(args, gw_config) -> arena_ui.ArenaConfig:
+    """The arena of `up` talks to this process's gateway, with its first API key if it has any."""
+    gateway_url = f"http://{_shown(gw_config.host)}:{gw_config.port}/v1"
+    key = next(iter(gw_config.api_keys), None) if gw_config.api_keys else None
+    return arena_ui.ui_config(args, host=args.arena_host, port=args.arena_port, gateway_url=gateway_url, api_key=key)
+
+
+def _shown(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
 @contextlib.asynccontextmanager
@@ -94,16 +137,19 @@ async def embedded_or_joined(args):
         await asyncio.to_thread(server.stop)
 
 
-def print_banner(config, nats_url, model: str, joining: str | None) -> None:
-    host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
-    base = f"http://{host}:{config.port}/v1"
+def print_banner(config, nats_url, models: list[str], joining: str | None, arena_url: str | None = None) -> None:
+    base = f"http://{_shown(config.host)}:{config.port}/v1"
     nats = f"{nats_url.scheme}://{nats_url.hostname}:{nats_url.port}"
     auth = ' -H "Authorization: Bearer $KEY"' if config.api_keys else ""
+    model = models[0]
+    served = f"model '{model}'" if len(models) == 1 else "models " + ", ".join(f"'{m}'" for m in models)
     if joining is None:
         joining = (f"NATS listens on this machine only ({nats}). To add workers on other machines, start with "
                    f"--nats-host 0.0.0.0: credentials are generated and printed here.")
+    arena = f"Arena (web chat, battles, leaderboard): {arena_url}\n" if arena_url else ""
     print(
-        f"\nchatfabric is up: OpenAI-compatible API at {base} (model '{model}'), NATS at {nats}\n"
+        f"\nchatfabric is up: OpenAI-compatible API at {base} ({served}), NATS at {nats}\n"
+        f"{arena}"
         f"Try it:\n  curl {base}/chat/completions -H 'Content-Type: application/json'{auth} "
         f"-d '{{\"model\": \"{model}\", \"temperature\": 0, "
         f"\"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n"

@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .messages import ChatMessage, ModelName, SamplingParams, Text, _Message
 from .subjects import (ARENA_STREAM, ARTIFACTS_BUCKET, CONVERSATION_PREFIX, EVENTS_PREFIX, EVENTS_STREAM,
-                       JOBS_STREAM, JUDGE_JOBS, TRAIN_JOBS, VOTE_PREFIX, conversation_subject, job_cancel_subject,
-                       progress_subject, result_subject, vote_subject)
+                       FEEDBACK_PREFIX, JOBS_STREAM, JUDGE_JOBS, TRAIN_JOBS, VOTE_PREFIX, conversation_subject,
+                       feedback_subject, job_cancel_subject, progress_subject, result_subject, vote_subject)
 
 # Ids also appear as subject tokens (events.result.<job id>), hence the alphabet.
 EventId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
@@ -92,6 +92,22 @@ class ConversationLog(Event):
 
     def subject(self) -> str:
         return conversation_subject(self.model)
+
+
+class Feedback(Event):
+    """A user's verdict on one model's answers in a direct chat (no opponent, so no rating):
+    `upvote`, `downvote`, or `flag` (the answer should be reviewed)."""
+
+    STREAM: ClassVar[str] = ARENA_STREAM
+    SUBJECTS: ClassVar[str] = f"{FEEDBACK_PREFIX}.>"
+
+    kind: Literal["upvote", "downvote", "flag"]
+    model: ModelName
+    conversation: EventId  # the ConversationLog it is about
+    client: str = Field(default="", max_length=128)
+
+    def subject(self) -> str:
+        return feedback_subject(self.kind)
 
 
 class JudgeJob(Event):

@@ -191,6 +191,7 @@ def build_roles() -> dict[str, Role]:
         "arena",
         "records votes and conversations in ARENA, replays it, submits and cancels judge jobs",
         publish=[
+            _api("STREAM.INFO", registry),  # connecting looks the registry bucket up (it reads no key)
             *_stream_admin(ARENA_STREAM), *_stream_reader(ARENA_STREAM), f"{ARENA_PREFIX}.>",
             *_stream_admin(JOBS_STREAM), JUDGE_JOBS, subjects.job_cancel_subject("*"),
             *_stream_reader(EVENTS_STREAM), *_objects_reader(ARTIFACTS_BUCKET),
@@ -226,12 +227,15 @@ def build_roles() -> dict[str, Role]:
 
 def _job_runner(name: str, summary: str, consumer: str, jobs: str) -> Role:
     """A service that takes one kind of job. It may publish that kind (a judge fans a job out
-    into parts on its own subject) but no other, and reads EVENTS (a job's cancel)."""
+    into parts on its own subject) but no other, reads EVENTS (a job's cancel) and ARENA (the
+    judge's agreement with human votes, the trainer's preference pairs)."""
     other_jobs = tuple(subject for subject, _ in subjects.JOB_KINDS.values() if subject != jobs)
     return _role(
         name,
         summary,
         publish=[
+            _api("STREAM.INFO", kv_stream(subjects.REGISTRY_BUCKET)),  # connecting looks the registry up
+            *_stream_reader(ARENA_STREAM),
             *_stream_admin(JOBS_STREAM), *_pull_consumer(JOBS_STREAM, consumer, jobs), jobs,
             *_stream_admin(EVENTS_STREAM), *_stream_reader(EVENTS_STREAM), f"{EVENTS_PREFIX}.>",
             *_objects_writer(ARTIFACTS_BUCKET),

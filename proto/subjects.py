@@ -29,6 +29,7 @@ ARENA_STREAM = "ARENA"
 ARENA_PREFIX = "arena"  # arena.vote.<kind>, arena.conv.<model-token>
 VOTE_PREFIX = f"{ARENA_PREFIX}.vote"
 CONVERSATION_PREFIX = f"{ARENA_PREFIX}.conv"
+FEEDBACK_PREFIX = f"{ARENA_PREFIX}.feedback"  # arena.feedback.<kind>: direct-chat up/down votes, flags
 JOBS_STREAM = "JOBS"
 JOBS_PREFIX = "jobs"
 JUDGE_JOBS = f"{JOBS_PREFIX}.judge"
@@ -140,6 +141,10 @@ def vote_subject(anonymous: bool) -> str:
 
 def conversation_subject(model: str) -> str:
     return f"{CONVERSATION_PREFIX}.{model_token(model)}"
+
+
+def feedback_subject(kind: str) -> str:
+    return f"{FEEDBACK_PREFIX}.{kind}"
 
 
 def job_subject(kind: str) -> str:

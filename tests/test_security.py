@@ -28,7 +28,7 @@ from nats.aio.client import Client as NATS
 from nats.js import api
 
 from chatfabric.proto import auth, roles, subjects
-from chatfabric.proto.bus import Bus, BusConfig
+from chatfabric.proto.bus import Bus, BusConfig, connect
 from chatfabric.proto.embedded import EmbeddedServer, find_nats_server, free_port
 from chatfabric.proto.events import JobProgress, Vote
 from chatfabric.proto.replay import replay
@@ -322,6 +322,14 @@ async def test_job_runners_publish_events_and_artifacts_through_the_bus(planes, 
     assert await Bus(worker.nc, BusConfig()).get_artifact(ref) == b"{}"
     for peer in (judge, worker):
         await peer.assert_clean()
+
+
+@pytest.mark.parametrize("role_name", ["worker", "arena", "leaderboard", "judge", "trainer"])
+async def test_every_component_opens_the_bus_under_its_own_role(planes, server, passwords, role_name):
+    """What each component's `run` does: `connect` with its role binds the contract, no more."""
+    async with connect(BusConfig(url=server.url), f"test-{role_name}", auth=auth.NatsAuth.for_role(role_name, passwords),
+                       role=role_name) as bus:
+        assert bus.connected
 
 
 ARENA_REFUSED = {

@@ -14,7 +14,9 @@ from ..proto.bus import DEFAULT_URL, BusConfig, connect
 
 log = logging.getLogger("chatfabric")
 
-def add_args(p: argparse.ArgumentParser) -> None:
+def add_args(p: argparse.ArgumentParser, several: bool = False) -> None:
+    """The worker's flags; with `several` (`chatfabric up`), --model-path and --model-name may
+    repeat, one worker per model (see `models_from_args`)."""
     from .prompting import TEMPLATES
 
     w = p.add_argument_group("worker")
@@ -22,8 +24,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="hf: Hugging Face transformers with continuous batching; vllm: vLLM's async engine "
                    "(extra [vllm]); synthetic: streams max_tokens tokens without a model, to measure the "
                    "fabric's own overhead")
-    w.add_argument("--model-path", help="a transformers model folder (default: SmolLM2-135M-Instruct, built in)")
-    w.add_argument("--model-name", help="name clients use in 'model' (default: the folder's name)")
+    if several:
+        w.add_argument("--model-path", action="append", default=[],
+                       help="a transformers model folder (default: SmolLM2-135M-Instruct, built in); repeat it "
+                       "to serve several models, one worker each")
+        w.add_argument("--model-name", action="append", default=[],
+                       help="name clients use in 'model' (default: the folder's name); repeat it to match "
+                       "each --model-path, or alone to serve the default model under several names")
+    else:
+        w.add_argument("--model-path", help="a transformers model folder (default: SmolLM2-135M-Instruct, built in)")
+        w.add_argument("--model-name", help="name clients use in 'model' (default: the folder's name)")
     w.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
     w.add_argument(
         "--dtype",
@@ -62,6 +72,26 @@ def add_args(p: argparse.ArgumentParser) -> None:
     w.add_argument("--heartbeat-interval", type=float, default=1.0,
                    help="seconds between liveness beats and per-request heartbeats (default: %(default)s)")
     w.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds running requests get to finish on shutdown")
+
+
+def models_from_args(args) -> list[argparse.Namespace]:
+    """One namespace per model for repeated --model-path / --model-name: paired in order; names
+    alone serve the default model under each name; paths alone are named after their folders."""
+    paths, names = list(args.model_path), list(args.model_name)
+    if paths and names and len(paths) != len(names):
+        raise ValueError(f"--model-path is given {len(paths)} times and --model-name {len(names)} times: "
+                         "give one name per path, or none")
+    count = max(len(paths), len(names), 1)
+    paths = paths or [None] * count
+    names = names or [None] * count
+    models = [argparse.Namespace(**{**vars(args), "model_path": path, "model_name": name})
+              for path, name in zip(paths, names)]
+    served = [m.model_name or (Path(m.model_path).name if m.model_path else None) for m in models]
+    twice = sorted({n for n in served if served.count(n) > 1 and n is not None})
+    if twice or served.count(None) > 1:
+        raise ValueError(f"two models would have the same name ({', '.join(twice) or 'the default'}): "
+                         "give each a --model-name")
+    return models
 
 
 async def load(args):
