@@ -85,6 +85,11 @@ class PromptBuilder:
         return self.conv_template is not None or self.has_chat_template
 
     def chat_ids(self, messages: Sequence[ChatMessage]) -> list[int]:
+        return list(self.tokenizer(self.chat_text(messages), add_special_tokens=False)["input_ids"])
+
+    def chat_text(self, messages: Sequence[ChatMessage]) -> str:
+        """The prompt text for `messages`, ending with the generation prompt (the assistant's
+        turn opened). The trainer renders its training examples with it too."""
         if self.conv_template is not None:
             bos = self.tokenizer.bos_token or ""
             eos = self.tokenizer.eos_token or ""
@@ -98,7 +103,7 @@ class PromptBuilder:
                 "this model has no chat template: use /v1/completions, or start its worker with "
                 f"--conv-template (one of {', '.join(sorted(TEMPLATES))})"
             )
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return text
 
     def completion_ids(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):

@@ -1,0 +1,71 @@
+"""Tiny real training runs on SmolLM2 (CPU): SFT with LoRA overfits a batch, DPO widens the
+chosen-minus-rejected margin, QLoRA is refused on a CPU, arena votes become pairs."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from chatfabric.proto.events import ConversationLog, Vote
+from chatfabric.proto.messages import ChatMessage
+from chatfabric.trainer.dpo import run_dpo
+from chatfabric.trainer.pairs import arena_pairs
+from chatfabric.trainer.progress import Hooks
+from chatfabric.trainer.settings import TrainSettings
+from chatfabric.trainer.sft import RunSpec, check_device, run_sft
+
+SHAREGPT = "/work/shared/data/sharegpt/dummy_conversation.json"
+
+
+def tiny_data(path, n=2):
+    records = json.load(open(SHAREGPT))[:n]
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    return path
+
+
+def test_lora_sft_loss_decreases_and_saves_an_adapter(model_dir, tmp_path):
+    seen = []
+    settings = TrainSettings(method="lora", max_length=64, max_steps=3, lr=2e-3, batch_size=2, save_steps=100)
+    result = run_sft(RunSpec(model_dir, tiny_data(tmp_path / "d.jsonl"), tmp_path / "out", settings),
+                     Hooks(on_progress=seen.append))
+    assert result.metrics["steps"] == 3
+    assert result.metrics["last_loss"] < result.metrics["first_loss"]
+    assert (result.folder / "adapter_model.safetensors").is_file()
+    assert [p.step for p in seen if p.loss is not None] == [1, 2, 3]
+    assert all(p.tokens_per_s > 0 and p.lr is not None for p in seen if p.loss is not None)
+
+
+def test_qlora_is_refused_on_a_cpu():
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        check_device(TrainSettings(method="lora", qlora=True))
+
+
+def test_dpo_widens_the_margin(model_dir, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps(p) for p in [
+        {"prompt": "Say yes.", "chosen": "Yes.", "rejected": "No way."},
+        {"prompt": [{"role": "user", "content": "Colour of the sky?"}], "chosen": "Blue.", "rejected": "Green."}]))
+    settings = TrainSettings(method="dpo", max_length=64, max_steps=3, lr=5e-3, batch_size=2)
+    result = run_dpo(RunSpec(model_dir, pairs, tmp_path / "out", settings), Hooks(stop=threading.Event()))
+    assert result.metrics["first_margin"] == pytest.approx(0.0, abs=1e-4)  # the adapter starts as a no-op
+    assert result.metrics["last_margin"] > result.metrics["first_margin"]
+
+
+def conv(cid, model, answer, question="Q?"):
+    return ConversationLog(id=cid, model=model, messages=(ChatMessage(role="user", content=question),
+                                                          ChatMessage(role="assistant", content=answer)))
+
+
+def test_arena_votes_become_deduplicated_pairs():
+    logs = {c.id: c for c in [conv("a1", "m1", "good"), conv("b1", "m2", "bad"), conv("a2", "m1", "x"),
+                              conv("b2", "m2", "y"), conv("a3", "m1", "p", "other?"), conv("b3", "m2", "q")]}
+    vote = lambda w, a, b, anon=True: Vote(winner=w, model_a="m1", model_b="m2", anonymous=anon,  # noqa: E731
+                                           conversation_a=a, conversation_b=b)
+    votes = [vote("model_a", "a1", "b1"), vote("model_a", "a1", "b1"), vote("tie", "a2", "b2"),
+             vote("tie (bothbad)", "a2", "b2"), vote("model_b", "a2", "b2", anon=False),
+             vote("model_b", "a3", "b3"), vote("model_a", "a1", "missing")]
+    pairs = arena_pairs(votes, logs)
+    assert [(p.prompt[0].content, p.chosen, p.rejected) for p in pairs] == [("Q?", "good", "bad")]
+    assert len(arena_pairs(votes, logs, anonymous_only=False)) == 2
