@@ -11,8 +11,12 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Mapping, Sequence
 
 import openai
+from opentelemetry import trace
+
+from ..proto import tracing
 
 MODELS_MAX_AGE = 2.0  # seconds the list of live models is reused
+_tracer = tracing.tracer("chatfabric.arena")
 
 
 class GatewayError(Exception):
@@ -99,16 +103,23 @@ class Gateway:
     async def stream(self, model: str, messages: Sequence[Mapping[str, str]], sampling: Sampling) -> AsyncIterator[str]:
         """The answer's text as it is generated. Leaving early closes the stream, and the
         gateway cancels the generation."""
+        # not the current span: a generator that yields must not leave a context attached
+        span = _tracer.start_span("arena.chat", kind=trace.SpanKind.CLIENT, attributes={"chatfabric.model": model})
+        headers = {"traceparent": tracing.traceparent_of(span)} if span.is_recording() else None
         try:
             stream = await self.client.chat.completions.create(
-                model=model, messages=list(messages), stream=True, **sampling.as_dict())
+                model=model, messages=list(messages), stream=True, extra_headers=headers, **sampling.as_dict())
             async with stream:
                 async for chunk in stream:
                     for choice in chunk.choices:
                         if choice.delta.content:
                             yield choice.delta.content
         except openai.OpenAIError as err:
-            raise describe(err, model, self.base_url) from None
+            error = describe(err, model, self.base_url)
+            span.set_status(trace.Status(trace.StatusCode.ERROR, str(error)))
+            raise error from None
+        finally:
+            span.end()
 
     async def close(self) -> None:
         await self.client.close()

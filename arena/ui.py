@@ -24,11 +24,13 @@ import socket
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
+from ..proto import tracing
 from ..proto.events import Event, Feedback, new_id
 from .client import Gateway, GatewayError, Sampling, draw_pair
 from .session import Limits, LimitReached, RateLimiter, Round, Side, Turn, client_id, new_salt
 
 log = logging.getLogger(__name__)
+_tracer = tracing.tracer("chatfabric.arena")
 
 DEFAULT_PORT = 7860
 DEFAULT_GATEWAY_URL = "http://127.0.0.1:8000/v1"
@@ -167,8 +169,10 @@ class Arena:
     async def record(self, events: Sequence[Event]) -> bool:
         """Store every event; True when the last one was stored before (a retry)."""
         duplicate = False
-        for event in events:
-            duplicate = (await self.bus.publish_event(event)).duplicate
+        with _tracer.start_as_current_span("arena.record", attributes={
+                "chatfabric.events": [type(e).__name__ for e in events]}):
+            for event in events:
+                duplicate = (await self.bus.publish_event(event)).duplicate
         return duplicate
 
     # -- rounds ----------------------------------------------------------------------------

@@ -53,6 +53,8 @@ COMMANDS = (
     Command("judge", "MT-bench style LLM-as-a-judge: run, serve, show, agreement, cancel",
             "Judge models' answers with an LLM judge (FastChat's MT-bench method), as jobs on the fabric "
             "shared by any number of judge services, or --local.", "judge.cli", subcommands=True),
+    Command("train", "fine-tune a model: sft (full or LoRA), dpo; here or --submit as a job", "Fine-tune on conversations (SFT, LoRA) or preference pairs (DPO, from arena votes or a file), here or as a train job on the fabric; --publish-as makes the result servable as artifact://NAME.", "trainer.cli", subcommands=True),
+    Command("trainer", "the trainer service: serve train jobs", "Take train jobs from the fabric, train, publish progress, checkpoints and models.", "trainer.serve_cli", subcommands=True),
 )
 
 
@@ -71,6 +73,11 @@ def add_common_args(p: argparse.ArgumentParser, command: Command) -> None:
                 else f"NATS server to join (default: $NATS_URL, else {DEFAULT_URL})")
     p.add_argument("--nats-url", default=os.environ.get("NATS_URL"), help=help_url)
     p.add_argument("--log-level", default=os.environ.get("CHATFABRIC_LOG_LEVEL", "INFO"), help="(default: %(default)s)")
+    p.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("CHATFABRIC_LOG_FORMAT", "text"),
+                   help="json: one JSON object per line, for log collectors (default: $CHATFABRIC_LOG_FORMAT, else text)")
+    p.add_argument("--tracing", default=os.environ.get("CHATFABRIC_TRACING"), metavar="otlp|console|file:PATH",
+                   help="OpenTelemetry traces: otlp (configured by the standard OTEL_* variables), console, or "
+                   "file:PATH (default: $CHATFABRIC_TRACING; off)")
     add_auth_args(p)
 
 
@@ -135,14 +142,16 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:
             print(f"chatfabric {command.name}: error: {err}", file=sys.stderr)
             return 2
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if getattr(args, "log_format", "text") == "json"
+                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     logging.getLogger("transformers").setLevel(logging.ERROR)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
+        from ..proto import tracing
+
+        tracing.setup(f"chatfabric-{command.name}", getattr(args, "tracing", None))
         asyncio.run(_main(args))
     except (ValueError, FileNotFoundError) as err:
         print(f"chatfabric {args.command}: error: {err}", file=sys.stderr)
@@ -154,7 +163,28 @@ def main(argv: list[str] | None = None) -> int:
         log.debug("cannot start", exc_info=True)
         print(f"chatfabric {args.command}: cannot start: {err}", file=sys.stderr)
         return 1
+    finally:
+        from ..proto import tracing
+
+        tracing.shutdown()
     return 0
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message, the record's structured
+    fields (a request's id, model, status, tokens, TTFT and duration) and any traceback."""
+
+    FIELDS = ("request_id", "model", "status", "prompt_tokens", "completion_tokens", "ttft", "duration")
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        entry = {"time": round(record.created, 6), "level": record.levelname, "logger": record.name,
+                 "message": record.getMessage()}
+        entry.update({k: getattr(record, k) for k in self.FIELDS if hasattr(record, k)})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from aiohttp import web
 from ..proto.bus import Bus
 from .errors import APIError
 from .generations import Generations
+from .metrics import metrics, metrics_middleware, tracing_middleware
 from .registry import Registry
 from .relay import Mailboxes
 from .routes import CONFIG, GENERATIONS, check_api_key, routes
@@ -75,10 +76,12 @@ async def auth_middleware(request: web.Request, handler):
 
 def create_app(bus: Bus, config: GatewayConfig) -> web.Application:
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware], client_max_size=config.max_body_bytes
+        middlewares=[metrics_middleware, tracing_middleware, error_middleware, auth_middleware],
+        client_max_size=config.max_body_bytes,
     )
     app[CONFIG] = config
     app.add_routes(routes)
+    app.router.add_get("/metrics", metrics)
 
     async def fabric(app: web.Application):
         registry = Registry(bus, config.liveness_timeout)

@@ -12,6 +12,7 @@ import time
 import uuid
 from typing import AsyncIterator
 
+from ..proto import tracing
 from ..proto.bus import Bus, BusUnavailable, PayloadTooLarge, QueueFull
 from ..proto.messages import (
     CancelMessage,
@@ -21,6 +22,7 @@ from ..proto.messages import (
     GenerationRequest,
     HeartbeatChunk,
 )
+from . import metrics
 from .errors import APIError
 from .registry import Registry
 from .relay import Mailboxes
@@ -98,6 +100,9 @@ class Generations:
         request_id = new_request_id()
         reply_to, box = self.mailboxes.open(request_id)
         started_at = time.monotonic()
+        observed = metrics.ChoiceStats(model, request_id)
+        if observed.span.is_recording():
+            traceparent = tracing.traceparent_of(observed.span)
         request = GenerationRequest(
             request_id=request_id,
             model=model,
@@ -109,14 +114,23 @@ class Generations:
             traceparent=traceparent,
         )
         finished = False
+        relay = _Relay(self, request_id, box, started_at)
         try:
             self._check_bus()
             await self._publish(request)
-            async for chunk in _Relay(self, request_id, box, started_at).chunks():
+            async for chunk in relay.chunks():
+                observed.chunk(chunk, relay.first_answer)
                 if isinstance(chunk, FinalChunk):
                     finished = True
                 yield chunk
+        except APIError as err:
+            observed.failed(err.code or str(err.status))
+            raise
+        except asyncio.CancelledError:
+            observed.failed("client_gone")
+            raise
         finally:
+            observed.end(relay.first_answer)
             self.mailboxes.close(request_id)
             if not finished and not self.bus.nc.is_closed:
                 with contextlib.suppress(Exception):  # best effort: the worker also has a deadline
@@ -170,6 +184,7 @@ class _Relay:
         self.handed_back = 0  # the attempt we naked because its worker died
         self.next_seq = 0
         self.last_chunk = started_at
+        self.first_answer: float | None = None  # when a worker first answered (it took the request)
         self.reconnects_at_start = generations.bus.reconnects
         self.dropped = 0
 
@@ -178,6 +193,8 @@ class _Relay:
             chunk = await self._next()
             if not self._accept(chunk):
                 continue
+            if self.first_answer is None:
+                self.first_answer = time.monotonic()
             if isinstance(chunk, HeartbeatChunk):
                 self.started = self.started or chunk.started
                 self.ack_subject = None if self.started else chunk.ack_subject

@@ -16,6 +16,7 @@ from ..proto.messages import DeltaChunk, FinalChunk, Usage
 from ..proto.subjects import check_model_name
 from .errors import APIError, from_validation, invalid
 from .generations import Generations, merge_choices, new_request_id, new_traceparent
+from .metrics import MODEL_KEY
 from .schemas import ChatCompletionRequest, CompletionRequest, _Common
 
 CONFIG = web.AppKey("config", object)
@@ -252,6 +253,7 @@ async def accept(request: web.Request, model_cls: type[_Common]):
     body = parse(model_cls, await read_json(request))
     generations = request.app[GENERATIONS]
     await generations.check_model(body.model)
+    request[MODEL_KEY] = body.model  # served: a bounded metrics label
     check_limits(body, request.app[CONFIG], generations.registry.max_model_len(body.model))
     return body, generations, new_traceparent(request.headers.get("traceparent"))
 

@@ -21,6 +21,7 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 
+from ..proto import tracing
 from ..proto.bus import Bus
 from ..proto.events import ArtifactRef, JobCancel, JobProgress, JobResult, JudgeJob
 from ..proto.jobs import Interrupt, Job, JobKind, JobRunner, Refuse, RunnerConfig
@@ -31,6 +32,7 @@ from .pipeline import Endpoints, Judging, check_references, collect, jsonl, summ
 from .store import BusStore, RecordStore
 
 log = logging.getLogger(__name__)
+_tracer = tracing.tracer("chatfabric.judge")
 
 JUDGE_JOBS = JobKind("judge", JudgeJob, job_id=lambda job: job.id)
 
@@ -81,6 +83,12 @@ class JudgeService:
 
     async def handle(self, job: Job[JudgeJob]) -> None:
         body = job.body
+        attributes = {"chatfabric.job": body.job_name, "chatfabric.judge_model": body.judge_model,
+                      "chatfabric.part": body.part_of is not None, "chatfabric.delivery": job.delivery}
+        with _tracer.start_as_current_span("judge.job", attributes=attributes):
+            await self._handle(job, body)
+
+    async def _handle(self, job: Job[JudgeJob], body: JudgeJob) -> None:
         cancel = await self._cancel_of(body)
         if cancel is not None:
             await self._publish_cancelled(body, cancel.reason)

@@ -222,6 +222,14 @@ class Bus:
         except _TRANSIENT as err:
             raise BusUnavailable(f"JetStream did not answer: {type(err).__name__}") from None
 
+    async def queue_depth(self, model: str) -> int:
+        """Requests for `model` waiting in GEN for a worker to take them (0 when none ever did)."""
+        try:
+            info = await self.js.consumer_info(subjects.GEN_STREAM, subjects.gen_consumer(model), timeout=1.0)
+        except NotFoundError:
+            return 0
+        return info.num_pending
+
     async def publish_request(self, request: GenerationRequest) -> None:
         """Publish into the GEN stream, retrying for a few seconds while JetStream is not ready
         (a server restarting); the request id as `Nats-Msg-Id` makes a retry that was in fact

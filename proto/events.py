@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from .messages import ChatMessage, ModelName, SamplingParams, Text, _Message
 from .subjects import (ARENA_STREAM, ARTIFACTS_BUCKET, CONVERSATION_PREFIX, EVENTS_PREFIX, EVENTS_STREAM,
                        FEEDBACK_PREFIX, JOBS_STREAM, JUDGE_JOBS, TRAIN_JOBS, VOTE_PREFIX, conversation_subject,
-                       feedback_subject, job_cancel_subject, progress_subject, result_subject, vote_subject)
+                       feedback_subject, job_cancel_subject, model_token, progress_subject, result_subject,
+                       vote_subject)
 
 # Ids also appear as subject tokens (events.result.<job id>), hence the alphabet.
 EventId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
@@ -173,16 +174,21 @@ class JudgeJob(Event):
 
 
 class TrainJob(Event):
-    """Fine-tune `base_model` on the conversations in `data` into a model served as `output_model`."""
+    """Fine-tune `base_model` (a model folder on the trainer's machine, or the default model's
+    name) on `data` into a model published as `output_model` (`trainer/`): `sft` trains every
+    weight, `lora` an adapter, `dpo` an adapter on preference pairs. `params` are the run's
+    settings (`trainer.settings.TrainSettings`). The job's checkpoints are stored under its id,
+    so a redelivered job resumes where its last trainer stopped."""
 
     STREAM: ClassVar[str] = JOBS_STREAM
     SUBJECTS: ClassVar[str] = TRAIN_JOBS
 
     base_model: Text = Field(min_length=1)
     data: ArtifactRef
+    eval_data: ArtifactRef | None = None
     output_model: ModelName
-    method: Literal["sft", "lora"] = "lora"
-    params: dict[str, Scalar] = Field(default_factory=dict)
+    method: Literal["sft", "lora", "dpo"] = "lora"
+    params: dict[str, Scalar | None] = Field(default_factory=dict)
 
     def subject(self) -> str:
         return TRAIN_JOBS
@@ -199,6 +205,7 @@ class JobProgress(Event):
     done: int = Field(ge=0)
     total: int | None = Field(default=None, ge=0)
     message: str = ""
+    metrics: dict[str, Scalar] = Field(default_factory=dict)  # a train job's loss, lr, tokens/s, ETA...
 
     def subject(self) -> str:
         return progress_subject(self.job_id)

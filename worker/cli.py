@@ -34,6 +34,8 @@ def add_args(p: argparse.ArgumentParser, several: bool = False) -> None:
     else:
         w.add_argument("--model-path", help="a transformers model folder (default: SmolLM2-135M-Instruct, built in)")
         w.add_argument("--model-name", help="name clients use in 'model' (default: the folder's name)")
+    w.add_argument("--adapter", help="a LoRA adapter merged into the model before serving: a folder, or "
+                   "artifact://NAME from the artifacts store (--model-path also takes artifact://NAME)")
     w.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
     w.add_argument(
         "--dtype",
@@ -69,9 +71,19 @@ def add_args(p: argparse.ArgumentParser, several: bool = False) -> None:
     )
     w.add_argument("--synthetic-delay", type=float, default=0.0,
                    help="--backend synthetic: seconds per token, to stand in for a model's decode speed")
+    w.add_argument("--metrics-port", type=int, default=_env_port("CHATFABRIC_METRICS_PORT"),
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (default: $CHATFABRIC_METRICS_PORT; "
+                   "none). In `up`, the gateway's /metrics shows them anyway")
     w.add_argument("--heartbeat-interval", type=float, default=1.0,
                    help="seconds between liveness beats and per-request heartbeats (default: %(default)s)")
     w.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds running requests get to finish on shutdown")
+
+
+def _env_port(name: str) -> int | None:
+    import os
+
+    value = os.environ.get(name)
+    return int(value) if value else None
 
 
 def models_from_args(args) -> list[argparse.Namespace]:
@@ -101,7 +113,14 @@ async def load(args):
     from .prompting import PromptBuilder
     from .service import WorkerConfig
 
-    if args.model_path:
+    if getattr(args, "adapter", None) or (args.model_path or "").startswith("artifact://"):
+        from .artifacts import resolve
+
+        opener = lambda: connect(BusConfig.from_env(url=args.nats_url or DEFAULT_URL), "worker-fetch",  # noqa: E731
+                                 auth=auth_from_args(args), role="worker")
+        path, artifact = await resolve(args.model_path, args.adapter, ensure_default_model, opener)
+        name = args.model_name or artifact or path.name
+    elif args.model_path:
         path = Path(args.model_path)
         if not path.is_dir():
             raise ValueError(f"--model-path {path} is not a folder")
@@ -169,6 +188,11 @@ async def run(args, stop: asyncio.Event) -> None:
     from .service import Worker
 
     backend, prompts, config = await load(args)
+    if args.metrics_port is not None:
+        from .metrics import serve_metrics
+
+        serve_metrics(args.metrics_port)
+        log.info("worker metrics at http://0.0.0.0:%d/metrics", args.metrics_port)
     try:
         bus_config = BusConfig.from_env(url=args.nats_url or DEFAULT_URL)
         async with connect(bus_config, "worker", stop, auth=auth_from_args(args), role="worker") as bus:

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
@@ -162,6 +163,9 @@ class BatchEngine:
         self._reserved = 0
         self._closed = False
         self.steps = 0  # decode iterations run (for tests and metrics)
+        # called from the engine thread after each pass: (phase "prefill" or "decode", seconds,
+        # sequences in it); worker/metrics.py records it. It must be cheap and never raise.
+        self.on_pass: Callable[[str, float, int], None] | None = None
         self.max_running = 0  # the most sequences ever decoded in one forward pass
         self.holes_filled = 0  # joins written into a finished sequence's row, without a re-layout
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -257,12 +261,19 @@ class BatchEngine:
     @torch.inference_mode()
     def _step(self) -> None:
         self._drop_aborted()
+        prefilling, began = len(self._prefilling), time.perf_counter()
         self._prefill()
         decoding = [s for s in self._running if s.stage is Stage.RUNNING]
+        prefilled = time.perf_counter()
         if decoding:
             # the last first: the slot engine then frees their rows without moving any other
             with self._isolated("decode", decoding[::-1]):
                 self._decode()
+        if self.on_pass is not None:
+            if prefilling:
+                self.on_pass("prefill", prefilled - began, prefilling)
+            if decoding:
+                self.on_pass("decode", time.perf_counter() - prefilled, len(decoding))
 
     # -- where a sequence is: one place at a time, until it is done ----------------------------
 

@@ -38,6 +38,7 @@ from ..proto.messages import (
 )
 from .backend import Backend, KVCacheFull, TooLargeForCache
 from .params import check_for_model, resolve
+from .metrics import RequestTrace, watch
 from .presence import Presence
 from .prompting import PromptBuilder, PromptError
 from .textstream import IncrementalDetokenizer, StopMatcher
@@ -127,6 +128,7 @@ class Worker:
             on_active_change=self.presence.changed,
         )
         cancels = await self.bus.subscribe_cancels(self._on_cancel)
+        watch(self.config.model_name, runner.jobs, self.backend)
         log.info("worker %s serving %r", self.config.worker_id, self.config.model_name)
         async with self.presence, runner:  # leaving: the runner drains, then the beats stop
             try:
@@ -143,20 +145,26 @@ class Worker:
         request = job.body
         reply = _Reply(self.bus, request.request_id, request.reply_to, self.config.worker_id, job.delivery)
         heartbeat = asyncio.create_task(self._heartbeat(job, reply))
+        observed = RequestTrace(self.config.model_name, request.traceparent, _stored_ns(job), request.request_id)
+        outcome, counts = "internal_error", (0, 0)
         try:
-            await self._generate(job, request, reply)
+            counts = await self._generate(job, request, reply, observed)
+            outcome = "ok"
         except KVCacheFull:
             # Fits the budget, not next to what runs now: back to JetStream, for us or a peer,
             # and nothing more pulled until a running request frees cache.
+            outcome = "handed_back"
             raise HandBack(KV_RETRY_DELAY, hold_pulls=True) from None
         except (PromptError, TooLargeForCache) as err:
+            outcome = "context_length_exceeded" if isinstance(err, ContextTooLong) else "invalid_request"
             await reply.error(
-                "context_length_exceeded" if isinstance(err, ContextTooLong) else "invalid_request",
+                outcome,
                 str(err),
                 param=getattr(err, "param", None) or ("messages" if request.messages is not None else "prompt"),
             )
             raise Refuse(str(err)) from None
         except asyncio.CancelledError:
+            outcome = "cancelled" if job.interrupt is Interrupt.CANCEL else "stopped"
             await self._say_stopped(job, reply)
             raise
         except Exception as err:
@@ -164,8 +172,11 @@ class Worker:
             raise
         finally:
             heartbeat.cancel()
+            observed.end(outcome, *counts)
 
-    async def _generate(self, job: Job, request: GenerationRequest, reply: _Reply) -> None:
+    async def _generate(self, job: Job, request: GenerationRequest, reply: _Reply,
+                        observed: RequestTrace) -> tuple[int, int]:
+        """Stream the request's answer; (prompt tokens, generated tokens)."""
         if _input_chars(request) <= INLINE_RENDER_CHARS:
             prompt_ids = self._render(request)  # tens of microseconds: cheaper than a thread hop
         else:
@@ -187,6 +198,7 @@ class Worker:
             async for event in events:
                 if not job.started:
                     await job.start()  # the first token: the request is ours for good
+                observed.token()
                 generated += 1
                 pending += 1
                 text = stops.feed(detok.push(event.token_id))
@@ -210,6 +222,7 @@ class Worker:
             total_tokens=len(prompt_ids) + generated,
         )
         await reply.send(FinalChunk, finish_reason=finish, usage=usage)
+        return len(prompt_ids), generated
 
     def _render(self, request: GenerationRequest) -> list[int]:
         if request.messages is not None:
@@ -288,3 +301,9 @@ def _input_chars(request: GenerationRequest) -> int:
 
 class ContextTooLong(PromptError):
     """The prompt leaves no room for a completion."""
+
+
+def _stored_ns(job: Job) -> int | None:
+    """When JetStream stored the request (its queue wait starts there), in unix nanoseconds."""
+    stamp = getattr(job.msg.metadata, "timestamp", None)
+    return int(stamp.timestamp() * 1e9) if stamp is not None else None
