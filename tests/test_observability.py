@@ -161,3 +161,23 @@ def test_json_logs_carry_one_line_per_request(tmp_path, model_dir):
     assert entry["model"] == "logged" and entry["status"] == "ok" and entry["completion_tokens"] == 2
     assert re.fullmatch(r"[0-9a-f]{32}", entry["request_id"]) and entry["duration"] >= entry["ttft"] > 0
 
+
+
+async def test_the_grafana_dashboard_reads_metrics_that_exist(fabric):  # noqa: F811
+    from pathlib import Path
+
+    dashboard = Path(__file__).resolve().parent.parent / "deploy/observability/grafana/dashboards/chatfabric.json"
+    panels = json.loads(dashboard.read_text())["panels"]
+    used = {name for panel in panels for target in panel.get("targets", [])
+            for name in re.findall(r"chatfabric_[a-z_]+", target.get("expr", ""))}
+    assert used, "the dashboard queries no chatfabric metric"
+    client, _, _ = fabric
+    await client.chat.completions.create(model="syn", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        async with session.get(str(client.base_url).removesuffix("/v1/") + "/metrics") as resp:
+            families = list(text_string_to_metric_families(await resp.text()))
+    # a labelled series appears once it has a value; its family is declared from the start
+    exported = {name for f in families for name in (f.name, f"{f.name}_total", *(s.name for s in f.samples))}
+    assert used <= exported, used - exported
