@@ -19,6 +19,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..proto import tracing
 from ..proto.bus import Bus
 from ..proto.events import JobProgress, JobResult, TrainJob
 from ..proto.jobs import Job, JobKind, JobRunner, RunnerConfig
@@ -29,6 +30,7 @@ from .settings import TrainSettings
 from .sft import RunSpec
 
 log = logging.getLogger(__name__)
+_tracer = tracing.tracer("chatfabric.trainer")
 
 TRAIN_JOBS = JobKind("train", TrainJob, job_id=lambda job: job.id)
 CHECKPOINT_STORE_TIMEOUT = 300.0
@@ -59,6 +61,12 @@ class TrainerService:
 
     async def handle(self, job: Job[TrainJob]) -> None:
         body = job.body
+        attributes = {"chatfabric.job": body.id, "chatfabric.method": body.method,
+                      "chatfabric.output_model": body.output_model, "chatfabric.delivery": job.delivery}
+        with _tracer.start_as_current_span("train.job", attributes=attributes):
+            await self._handle(job, body)
+
+    async def _handle(self, job: Job[TrainJob], body: TrainJob) -> None:
         if await self._finished(body):
             return
         settings = TrainSettings.from_params(body.method, dict(body.params))
