@@ -46,8 +46,8 @@ def rows(results: Results) -> list[list]:
 
 def status_line(results: Results) -> str:
     system = "Bradley-Terry" if results.rating_system == "bt" else "Elo"
-    last = getattr(results, "last_vote_at", None)
-    counted = f"last vote counted at {_when(last)}" if last is not None else f"as of {_when(results.as_of or results.computed_at)}"
+    last = results.last_vote_at
+    counted = f"latest vote counted cast at {_when(last)}" if last is not None else "no votes"
     plural = "" if results.battles == 1 else "s"
     return (f"{results.battles:,} {'anonymous ' if results.anonymous_only else ''}battle{plural}, {system} ratings, "
             f"{results.bootstrap_rounds} bootstrap rounds; {counted} (stream sequence {results.last_seq}); "

@@ -47,6 +47,7 @@ class Results(BaseModel):
     seed: int
     as_of: float | None  # unix time: votes stored (stream) or cast (file) up to then; None: all
     last_seq: int | None  # the last ARENA sequence counted; None for a file
+    last_vote_at: float | None = None  # when the latest vote counted was cast (unix time)
     battles: int  # battles rated, after the filters
     style_battles: int  # of those, battles whose two answers' style counts are known
     style_coefficients: dict[str, float] | None  # log-odds for model_a per std of each feature
@@ -72,6 +73,7 @@ def compute_results(
     battles = rated_battles(battles, anonymous_only, exclude_ties)
     header = dict(rating_system=rating_system, anonymous_only=anonymous_only, exclude_ties=exclude_ties,
                   bootstrap_rounds=rounds, seed=seed, as_of=as_of, last_seq=last_seq, battles=len(battles),
+                  last_vote_at=float(battles.tstamp.max()) if len(battles) else None,
                   source=source)
     if not len(battles):
         return Results(**header, style_battles=0, style_coefficients=None, computed_at=time.time(),

@@ -106,4 +106,5 @@ def test_an_anonymous_battle_in_the_browser(page, arena):
     expect(table).to_contain_text("smol-a", timeout=60_000)
     expect(table).to_contain_text("smol-b")
     expect(page.locator("#leaderboard-status")).to_contain_text("1 anonymous battle,")
+    expect(page.locator("#leaderboard-status")).to_contain_text("latest vote counted cast at")
     page.screenshot(path=str(DOCS / "arena-leaderboard.png"), full_page=True)
