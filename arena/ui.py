@@ -27,6 +27,7 @@ from typing import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from ..proto import tracing
 from ..proto.events import Event, Feedback, new_id
 from .client import Gateway, GatewayError, Sampling, draw_pair
+from .leaderboard_cli import positive_int, positive_seconds
 from .session import Limits, LimitReached, RateLimiter, Round, Side, Turn, client_id, new_salt
 
 log = logging.getLogger(__name__)
@@ -67,15 +68,6 @@ def _weight(text: str) -> tuple[str, float]:
     return model, weight
 
 
-def _positive(kind):
-    def parse(text: str):
-        value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-    return parse
-
-
 def add_args(p: argparse.ArgumentParser) -> None:
     """Flags of `chatfabric arena serve` (and of `chatfabric up`'s arena, with --arena- names)."""
     add_ui_args(p)
@@ -91,19 +83,19 @@ def add_ui_args(p: argparse.ArgumentParser) -> None:
     a = p.add_argument_group("arena")
     a.add_argument("--sampling-weight", action="append", type=_weight, default=[], metavar="MODEL=WEIGHT",
                    help="how often MODEL is drawn into battles, relative to 1 (the default); 0 keeps it out")
-    a.add_argument("--max-turns", type=_positive(int), default=Limits.max_turns,
+    a.add_argument("--max-turns", type=positive_int, default=Limits.max_turns,
                    help="questions per conversation (default: %(default)s)")
-    a.add_argument("--max-input-chars", type=_positive(int), default=Limits.max_input_chars,
+    a.add_argument("--max-input-chars", type=positive_int, default=Limits.max_input_chars,
                    help="characters per question (default: %(default)s)")
-    a.add_argument("--rounds-per-minute", type=_positive(int), default=Limits.rounds_per_minute,
+    a.add_argument("--rounds-per-minute", type=positive_int, default=Limits.rounds_per_minute,
                    help="new rounds and regenerations per client a minute (default: %(default)s)")
-    a.add_argument("--votes-per-minute", type=_positive(int), default=Limits.votes_per_minute,
+    a.add_argument("--votes-per-minute", type=positive_int, default=Limits.votes_per_minute,
                    help="votes and feedback per client a minute (default: %(default)s)")
-    a.add_argument("--battle-max-tokens", type=_positive(int), default=Sampling.max_tokens,
+    a.add_argument("--battle-max-tokens", type=positive_int, default=Sampling.max_tokens,
                    help="longest answer in a battle (default: %(default)s)")
     a.add_argument("--battle-temperature", type=float, default=Sampling.temperature,
                    help="battles' sampling temperature (default: %(default)s)")
-    a.add_argument("--leaderboard-refresh", type=_positive(float), default=ArenaConfig.leaderboard_refresh,
+    a.add_argument("--leaderboard-refresh", type=positive_seconds, default=ArenaConfig.leaderboard_refresh,
                    help="seconds between reads of the leaderboard snapshot (default: %(default)s)")
     a.add_argument("--client-salt", default=os.environ.get("CHATFABRIC_ARENA_SALT"),
                    help="secret mixed into client hashes (default: $CHATFABRIC_ARENA_SALT; else a new one per "

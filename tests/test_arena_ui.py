@@ -130,8 +130,9 @@ def test_connection_errors_name_the_gateway():
     (["--sampling-weight", "m"], "MODEL=WEIGHT"),
     (["--sampling-weight", "m=-1"], "MODEL=WEIGHT"),
     (["--sampling-weight", "m=nan"], "MODEL=WEIGHT"),
-    (["--max-turns", "0"], "must be positive"),
-    (["--rounds-per-minute", "x"], "invalid"),
+    (["--max-turns", "0"], "must be at least 1"),
+    (["--rounds-per-minute", "x"], "not a whole number"),
+    (["--leaderboard-refresh", "inf"], "positive number of seconds"),
 ])
 def test_bad_flags_are_refused_by_name(argv, error, capsys):
     parser = argparse.ArgumentParser()
