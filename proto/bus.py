@@ -49,12 +49,13 @@ ERR_MAX_MSGS_PER_SUBJECT = 10077
 class BusConfig:
     """Settings shared by every process on one fabric. `from_env` reads CHATFABRIC_* overrides.
 
-    The settings below `url` and `store_dir` shape the fabric's JetStream objects
+    The settings below `url`, `store_dir` and `server_order` shape the fabric's JetStream objects
     (`proto/contract.py`); a process that ensures the contract brings the server in line with
     them, so every such process of one fabric should be started with the same values."""
 
-    url: str | None = None
+    url: str | None = None  # one server, or a cluster's nodes separated by commas
     store_dir: Path | None = None
+    server_order: str = "random"  # which listed node to try first: random (NATS' default) or listed
     ack_wait: float = 30.0  # seconds a pulled, unstarted request stays un-acked before redelivery
     max_deliver: int = -1  # unlimited: a request is redelivered until its deadline passes
     queue_limit: int = 256  # requests waiting per model before the gateway answers 429
@@ -69,6 +70,8 @@ class BusConfig:
         for name in ("ack_wait", "registry_ttl", "request_max_age", "duplicate_window"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.server_order not in ("random", "listed"):
+            raise ValueError(f"server_order must be 'random' or 'listed', got {self.server_order!r}")
         if self.queue_limit < 1:
             raise ValueError("queue_limit must be at least 1")
         if self.max_deliver == 0 or self.max_deliver < -1:
@@ -131,9 +134,11 @@ class _Unconfirmed(Exception):
 # JetStream's answers while a server is (re)starting or unreachable: worth retrying.
 _TRANSIENT = (nats.errors.NoRespondersError, nats.errors.TimeoutError, asyncio.TimeoutError,
               nats.errors.ConnectionReconnectingError)
-# ...and for events, also a stream that does not answer (JetStream still starting, or the
-# stream not created yet): a vote is worth a few seconds, never a false confirmation.
-_EVENT_TRANSIENT = (*_TRANSIENT, NoStreamResponseError)
+# ...and for what is stored, also a stream that does not answer (JetStream still starting, the
+# stream not created yet, or on a cluster its leader lost and the next one not elected yet): a
+# request or a vote is worth a few seconds, never a false confirmation.
+_STORE_TRANSIENT = (*_TRANSIENT, NoStreamResponseError)
+_EVENT_TRANSIENT = _STORE_TRANSIENT
 PUBLISH_RETRY_SECONDS = 5.0
 EVENT_RETRY_SECONDS = 3.0
 DRAIN_TIMEOUT = 5.0
@@ -232,14 +237,14 @@ class Bus:
 
     async def publish_request(self, request: GenerationRequest) -> None:
         """Publish into the GEN stream, retrying for a few seconds while JetStream is not ready
-        (a server restarting); the request id as `Nats-Msg-Id` makes a retry that was in fact
-        stored the first time a no-op."""
+        (a server restarting, a cluster electing the stream's next leader); the request id as
+        `Nats-Msg-Id` makes a retry that was in fact stored the first time a no-op."""
         headers = {"Nats-Msg-Id": request.request_id}
         if request.traceparent:
             headers["traceparent"] = request.traceparent
         try:
             await self._store(subjects.gen_subject(request.model), encode(request), headers,
-                              PUBLISH_RETRY_SECONDS, _TRANSIENT)
+                              PUBLISH_RETRY_SECONDS, _STORE_TRANSIENT)
         except APIError as err:
             if err.err_code == ERR_MAX_MSGS_PER_SUBJECT:
                 raise QueueFull(request.model) from None
@@ -439,10 +444,21 @@ class ConnectionWatch:
     closing: bool = False
 
 
+def server_urls(url: str) -> list[str]:
+    """The servers of a URL that may list a cluster's nodes: `nats://a:4222,nats://b:4222`."""
+    urls = [part.strip() for part in url.split(",") if part.strip()]
+    if not urls:
+        raise ValueError(f"no NATS server in {url!r}")
+    return urls
+
+
 async def open_connection(url: str, watch: ConnectionWatch, **options) -> NATS:
-    """Connect with endless reconnects; a lost connection is logged, never fatal."""
+    """Connect with endless reconnects; a lost connection is logged, never fatal. `url` may list
+    several servers separated by commas (a cluster's nodes): the client connects to one, and on
+    losing it reconnects to another (and to nodes the cluster announces)."""
     name = watch.name
     nc = NATS()
+    servers = server_urls(url)
 
     async def on_error(err: Exception) -> None:
         log.warning("nats %s: %s", name, err)
@@ -461,7 +477,7 @@ async def open_connection(url: str, watch: ConnectionWatch, **options) -> NATS:
             watch.on_lost(str(nc.last_error or "closed by the server"))
 
     await nc.connect(
-        url,
+        servers if len(servers) > 1 else servers[0],
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=1.0,
@@ -522,7 +538,7 @@ async def connect(config: BusConfig | None = None, name: str = "chatfabric",
         url = server.url
     try:
         watch = ConnectionWatch(name, on_lost)
-        nc = await open_connection(url, watch, **options)
+        nc = await open_connection(url, watch, dont_randomize=config.server_order == "listed", **options)
         try:
             bus = Bus(nc, config)
             watch.listeners.append(bus._reconnected)

@@ -71,8 +71,10 @@ from enum import Enum
 from typing import Awaitable, Callable, Generic, Literal, TypeVar
 
 from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
+from nats.js.errors import ServiceUnavailableError
 from pydantic import BaseModel
 
 from .messages import MessageError, decode
@@ -317,6 +319,12 @@ class JobRunner(Generic[B]):
         try:
             return await self._psub.fetch(room, timeout=self.config.fetch_timeout)
         except (asyncio.TimeoutError, NatsTimeout):
+            return []
+        except (ServiceUnavailableError, NoRespondersError) as err:
+            # JetStream has no leader for the consumer right now (a cluster electing one after
+            # losing a node, or one just created): nothing to take yet, ask again shortly
+            log.debug("%s: fetch not answered (%s); asking again", self.kind.name, type(err).__name__)
+            await asyncio.sleep(min(0.2, self.config.fetch_timeout))
             return []
 
     async def _admit(self, msg: Msg) -> None:
