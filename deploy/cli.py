@@ -54,6 +54,7 @@ COMMANDS = (
             "Judge models' answers with an LLM judge (FastChat's MT-bench method), as jobs on the fabric "
             "shared by any number of judge services, or --local.", "judge.cli", subcommands=True),
     Command("train", "fine-tune a model: sft (full or LoRA), dpo; here or --submit as a job", "Fine-tune on conversations (SFT, LoRA) or preference pairs (DPO, from arena votes or a file), here or as a train job on the fabric; --publish-as makes the result servable as artifact://NAME.", "trainer.cli", subcommands=True),
+    Command("data", "training data tools: check, clean, split, stats, from-arena, masks", "Check, clean, split and measure training conversations as the trainer reads them, export conversations or preference pairs from ARENA, and show what the trainer trains on (masks).", "trainer.data_cli", subcommands=True),
     Command("trainer", "the trainer service: serve train jobs", "Take train jobs from the fabric, train, publish progress, checkpoints and models.", "trainer.serve_cli", subcommands=True),
 )
 

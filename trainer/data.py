@@ -103,7 +103,7 @@ def _sharegpt_turns(turns, path, line, record_id) -> list[tuple[str, str]]:
     out = []
     for n, turn in enumerate(_turn_list(turns, "conversations", path, line, record_id)):
         role, value = turn.get("from"), turn.get("value")
-        if role not in SHAREGPT_ROLES:
+        if not isinstance(role, str) or role not in SHAREGPT_ROLES:
             raise DataError(path, line, record_id, f"turn {n}: 'from' must be one of {sorted(SHAREGPT_ROLES)}, "
                             f"got {role!r}")
         if not isinstance(value, str):
