@@ -20,7 +20,7 @@ again with the same id) keep going, the test checks that
 - the votes in ARENA are exactly the acknowledged ones, each once;
 - nats-1, restarted on the same ports and store, catches up: its copy of every stream (its own
   /jsz, not the leader's answer) reaches the last sequence the stream had when it came back,
-  and once the load stops all three copies are equal.
+  and once the load and the processes stop all three copies are equal.
 
 It prints one `CLUSTER-FAILOVER {...}` line with the measurements (docs/deploy.md): requests
 failed around the kill, seconds from the kill until requests succeed again, seconds from the
@@ -430,7 +430,10 @@ async def test_a_node_killed_under_load(tmp_path, model_dir):
             assert len(stored) == len(set(stored)), "a vote was stored twice"
             assert set(stored) == set(load.acked), (set(load.acked) - set(stored), set(stored) - set(load.acked))
 
-            # once the load has stopped, the three copies of every stream are the same
+            # once the load has stopped and the gateway and workers are gone (their registry
+            # cards no longer change), the three copies of every stream are the same
+            for proc in procs:
+                proc.stop()
             final = {name: (await admin_bus.js.stream_info(name)).state.last_seq for name in streams}
 
             def all_equal():
