@@ -628,6 +628,9 @@ def bind(host: str, port: int) -> socket.socket:
 async def serve(bus, config: ArenaConfig, stop: asyncio.Event, *, sock: socket.socket | None = None,
                 ready: Callable[[str], None] | None = None) -> None:
     """Serve the arena until `stop` is set. `ready(url)` is called once it listens."""
+    # Importing Gradio takes seconds (tens, the first time, compiling it): never on the event
+    # loop, which keeps the bus connection and, in `chatfabric up`, the gateway and workers going.
+    await asyncio.to_thread(_import_web_stack)
     import gradio as gr
     import uvicorn
     from fastapi import FastAPI
@@ -672,6 +675,13 @@ async def serve(bus, config: ArenaConfig, stop: asyncio.Event, *, sock: socket.s
                 await task
         await gateway.close()
         sock.close()
+
+
+def _import_web_stack() -> None:
+    import importlib
+
+    for module in ("gradio", "uvicorn", "fastapi"):
+        importlib.import_module(module)
 
 
 class _Server:

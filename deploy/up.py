@@ -93,6 +93,10 @@ async def run(args, stop: asyncio.Event) -> None:
 
 async def follow_leaderboard(bus, args, stop: asyncio.Event) -> None:
     """The arena's Leaderboard tab reads the snapshots of one follower per fabric: this one."""
+    import importlib
+
+    # numpy and scipy take seconds to import: off the event loop
+    await asyncio.to_thread(importlib.import_module, "chatfabric.arena.feed")
     from ..arena.feed import FollowOptions, follow
 
     await follow(bus, FollowOptions(snapshot_interval=args.snapshot_interval), stop)
