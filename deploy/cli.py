@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from ..proto.auth import add_auth_args
 from ..proto.bus import DEFAULT_URL, BusLost
+from ..proto.embedded import terminate_all
 
 log = logging.getLogger("chatfabric")
 
@@ -108,6 +109,7 @@ async def _main(args) -> None:
     def on_signal(sig: int) -> None:
         if stop.is_set():  # a second Ctrl-C or SIGTERM: the user does not want to wait
             log.warning("second %s: exiting now", signal.Signals(sig).name)
+            terminate_all()
             os._exit(128 + sig)
         log.info("%s: shutting down", signal.Signals(sig).name)
         stop.set()
@@ -123,6 +125,7 @@ def _exit_after(seconds: float) -> None:
     within `seconds` of the signal."""
     def cut_short() -> None:
         log.error("shutdown did not finish within %.0fs; exiting", seconds)
+        terminate_all()
         os._exit(1)
 
     timer = threading.Timer(seconds, cut_short)

@@ -106,6 +106,7 @@ class EmbeddedServer:
             stderr=open(logfile, "ab"),
             start_new_session=True,
         )
+        _running[id(self)] = self
         self._wait_ready(timeout, logfile, logged)
         log.info("embedded nats-server on %s (store %s)", self.url, self.store_dir)
         return self
@@ -132,6 +133,7 @@ class EmbeddedServer:
         raise TimeoutError(f"nats-server did not listen on {self.url} within {timeout:.0f}s")
 
     def stop(self, timeout: float = 10.0) -> None:
+        _running.pop(id(self), None)
         if self._proc is not None and self._proc.poll() is None:
             self._proc.terminate()
             try:
@@ -160,3 +162,15 @@ def _last_line(logfile: Path, offset: int) -> str:
         log_text.seek(offset)
         lines = log_text.read().decode(errors="replace").strip().splitlines()
     return lines[-1] if lines else "no output"
+
+
+_running: dict[int, EmbeddedServer] = {}  # started and not stopped, in this process, by id()
+
+
+def terminate_all() -> None:
+    """SIGTERM every embedded server this process started: for a process about to exit
+    without its normal shutdown (the servers run in their own session, so nothing else would
+    stop them)."""
+    for server in list(_running.values()):
+        if server._proc is not None and server._proc.poll() is None:
+            server._proc.terminate()
