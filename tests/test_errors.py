@@ -125,6 +125,7 @@ def test_context_too_long_is_400_with_openai_message(client):
                                             stream=True))
 
 
+@pytest.mark.timeout(900)  # the prefill alone is most of a minute on an idle 2-core machine
 def test_max_tokens_is_clamped_to_the_context(client, tokenizer):
     prompt = "hello " * 8000
     n_prompt = len(tokenizer(prompt)["input_ids"])
