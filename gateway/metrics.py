@@ -74,7 +74,7 @@ _tracer = tracing.tracer("chatfabric.gateway")
 async def tracing_middleware(request: web.Request, handler):
     """A server span per API request, continuing the client's `traceparent` when it sent one.
     The generations it starts are its children (gateway/generations.py)."""
-    if not request.path.startswith("/v1/"):
+    if not tracing.enabled() or not request.path.startswith("/v1/"):
         return await handler(request)
     parent = tracing.extract(request.headers.get("traceparent"))
     with _tracer.start_as_current_span(f"{request.method} {route_of(request)}", context=parent,
@@ -127,19 +127,23 @@ class ChoiceStats:
         self.usage = None
         self.finish = None
         self.error: str | None = None
-        self.span = _tracer.start_span("generation", kind=trace.SpanKind.PRODUCER,
-                                       attributes={"chatfabric.model": model, "chatfabric.request_id": request_id})
-        IN_FLIGHT.labels(model).inc()
+        self.span = (_tracer.start_span("generation", kind=trace.SpanKind.PRODUCER,
+                                        attributes={"chatfabric.model": model, "chatfabric.request_id": request_id})
+                     if tracing.enabled() else trace.INVALID_SPAN)
+        # each series looked up once per choice, not once per chunk
+        self.ttft, self.inter_token = TTFT.labels(model), INTER_TOKEN.labels(model)
+        self.in_flight = IN_FLIGHT.labels(model)
+        self.in_flight.inc()
 
     def chunk(self, chunk, first_answer: float | None) -> None:
         now = time.monotonic()
         if isinstance(chunk, DeltaChunk):
             if self.first_token is None:
                 self.first_token = now
-                TTFT.labels(self.model).observe(now - self.published)
+                self.ttft.observe(now - self.published)
                 self.span.add_event("first token")
             else:
-                INTER_TOKEN.labels(self.model).observe(now - self.last)
+                self.inter_token.observe(now - self.last)
             self.last = now
         elif isinstance(chunk, FinalChunk):
             self.usage, self.finish = chunk.usage, chunk.finish_reason
@@ -150,7 +154,7 @@ class ChoiceStats:
     def end(self, first_answer: float | None) -> None:
         now = time.monotonic()
         model = self.model
-        IN_FLIGHT.labels(model).dec()
+        self.in_flight.dec()
         if first_answer is not None:
             QUEUE_WAIT.labels(model).observe(first_answer - self.published)
         prompt = self.usage.prompt_tokens if self.usage else 0

@@ -67,6 +67,11 @@ def setup(service: str, mode: str | None = None) -> bool:
     return True
 
 
+def enabled() -> bool:
+    """Whether this process records spans: when not, callers skip making them at all."""
+    return _configured
+
+
 def shutdown() -> None:
     """Flush what is buffered (a process about to exit)."""
     provider = trace.get_tracer_provider()

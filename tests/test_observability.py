@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import wait_for
-from test_inprocess import fabric, nats_server  # noqa: F401  (the in-process tier's fixtures)
+from test_inprocess import fabric, models, nats_server, wait_until  # noqa: F401  (the in-process tier's fixtures)
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -73,6 +73,27 @@ async def test_metrics_count_what_was_sent(fabric):  # noqa: F811
     assert delta("chatfabric_worker_generated_tokens_total", model="syn") == usage
     assert delta("chatfabric_worker_requests_total", model="syn", outcome="ok") == 3
     assert value(after, "chatfabric_worker_requests_running", model="syn") == 0
+
+
+async def test_the_grafana_dashboard_reads_metrics_that_exist(fabric):  # noqa: F811
+    from pathlib import Path
+
+    dashboard = Path(__file__).resolve().parent.parent / "deploy/observability/grafana/dashboards/chatfabric.json"
+    panels = json.loads(dashboard.read_text())["panels"]
+    used = {name for panel in panels for target in panel.get("targets", [])
+            for name in re.findall(r"chatfabric_[a-z_]+", target.get("expr", ""))}
+    assert used, "the dashboard queries no chatfabric metric"
+    client, _, _ = fabric
+    await wait_until(lambda: models(client), {"syn"})  # the loop stood still while sync tests ran
+    await client.chat.completions.create(model="syn", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        async with session.get(str(client.base_url).removesuffix("/v1/") + "/metrics") as resp:
+            families = list(text_string_to_metric_families(await resp.text()))
+    # a labelled series appears once it has a value; its family is declared from the start
+    exported = {name for f in families for name in (f.name, f"{f.name}_total", *(s.name for s in f.samples))}
+    assert used <= exported, used - exported
 
 
 def test_a_worker_serves_its_metrics_on_its_port(tmp_path, model_dir):
@@ -162,22 +183,3 @@ def test_json_logs_carry_one_line_per_request(tmp_path, model_dir):
     assert re.fullmatch(r"[0-9a-f]{32}", entry["request_id"]) and entry["duration"] >= entry["ttft"] > 0
 
 
-
-async def test_the_grafana_dashboard_reads_metrics_that_exist(fabric):  # noqa: F811
-    from pathlib import Path
-
-    dashboard = Path(__file__).resolve().parent.parent / "deploy/observability/grafana/dashboards/chatfabric.json"
-    panels = json.loads(dashboard.read_text())["panels"]
-    used = {name for panel in panels for target in panel.get("targets", [])
-            for name in re.findall(r"chatfabric_[a-z_]+", target.get("expr", ""))}
-    assert used, "the dashboard queries no chatfabric metric"
-    client, _, _ = fabric
-    await client.chat.completions.create(model="syn", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
-    import aiohttp
-
-    async with aiohttp.ClientSession() as session:
-        async with session.get(str(client.base_url).removesuffix("/v1/") + "/metrics") as resp:
-            families = list(text_string_to_metric_families(await resp.text()))
-    # a labelled series appears once it has a value; its family is declared from the start
-    exported = {name for f in families for name in (f.name, f"{f.name}_total", *(s.name for s in f.samples))}
-    assert used <= exported, used - exported

@@ -76,6 +76,10 @@ class RequestTrace:
     def __init__(self, model: str, traceparent: str | None, queued_since_ns: int | None, request_id: str):
         self.model = model
         self.taken = time.monotonic()
+        self.first_token = False
+        self.traced = tracing.enabled()
+        if not self.traced:  # no spans to make: the metrics alone
+            return
         parent = tracing.extract(traceparent)
         now = time.time_ns()
         if queued_since_ns is not None and queued_since_ns <= now:
@@ -85,20 +89,22 @@ class RequestTrace:
         inside = trace.set_span_in_context(self.span)
         self.phase = _tracer.start_span("prefill", context=inside)
         self._inside = inside
-        self.first_token = False
 
     def token(self) -> None:
         """A token was generated (the first one ends the prefill)."""
         if not self.first_token:
             self.first_token = True
             TTFT.labels(self.model).observe(time.monotonic() - self.taken)
-            self.phase.end()
-            self.phase = _tracer.start_span("decode", context=self._inside)
+            if self.traced:
+                self.phase.end()
+                self.phase = _tracer.start_span("decode", context=self._inside)
 
     def end(self, outcome: str, prompt_tokens: int = 0, generated: int = 0) -> None:
         REQUESTS.labels(self.model, outcome).inc()
         PROMPT_TOKENS.labels(self.model).inc(prompt_tokens)
         GENERATED.labels(self.model).inc(generated)
+        if not self.traced:
+            return
         self.phase.end()
         self.span.set_attributes({"chatfabric.outcome": outcome, "chatfabric.prompt_tokens": prompt_tokens,
                                   "chatfabric.completion_tokens": generated})
