@@ -23,7 +23,7 @@ def test_up_beyond_loopback_generates_credentials_and_a_remote_worker_joins(tmp_
     env["HF_HUB_OFFLINE"] = "1"
     up = Proc(["up", "--backend", "synthetic", "--model-path", str(model_dir), "--model-name", "here",
                "--nats-host", "0.0.0.0", "--nats-port", str(nats_port), "--port", str(http_port),
-               "--data-dir", str(tmp_path / "data")], env, tmp_path / "up.log").start()
+               "--data-dir", str(tmp_path / "data"), "--no-arena"], env, tmp_path / "up.log").start()
     remote = None
     try:
         banner = wait_for(lambda: "export NATS_PASSWORD" in up.log() and up.log(), 60, "the banner")
@@ -58,7 +58,7 @@ def test_up_beyond_loopback_generates_credentials_and_a_remote_worker_joins(tmp_
 def test_up_says_when_it_joins_an_existing_fabric(fabric, tmp_path, model_dir):
     """With $NATS_URL set, `up` adds its gateway and worker to that fabric, and says so."""
     up = Proc(["up", "--backend", "synthetic", "--model-path", str(model_dir), "--model-name", "joined-up",
-               "--port", str(free_port()), "--data-dir", str(tmp_path / "data")], fabric.env,
+               "--port", str(free_port()), "--data-dir", str(tmp_path / "data"), "--no-arena"], fabric.env,
               tmp_path / "up.log").start()
     try:
         banner = wait_for(lambda: "Press Ctrl-C" in up.log() and up.log(), 60, "the banner")
