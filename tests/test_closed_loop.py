@@ -2,7 +2,7 @@
 votes in ARENA -> `chatfabric train dpo --from-arena --publish-as smollm2-dpo` -> a worker serving
 `artifact://smollm2-dpo` -> the model is listed in the gateway's /v1/models and drawn into the
 arena's battles -> votes on it through the arena's handlers -> `chatfabric leaderboard` rates it.
-The command sequence is the one in docs/trainer.md ("The closed loop")."""
+The command sequence is the one in docs/training.md ("The closed loop")."""
 
 from __future__ import annotations
 
