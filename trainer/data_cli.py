@@ -582,7 +582,7 @@ def add_args(p: argparse.ArgumentParser, common: Callable[[argparse.ArgumentPars
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    from ..worker.default_model import DEFAULT_MODEL_NAME
+    from ..proto.default_model import DEFAULT_MODEL_NAME
 
     p.add_argument("--model-path", default=DEFAULT_MODEL_NAME,
                    help="the model whose tokenizer and chat template count (default: %(default)s)")

@@ -108,7 +108,7 @@ def models_from_args(args) -> list[argparse.Namespace]:
 
 async def load(args):
     """Load the model (off the event loop) and return (backend, prompts, config)."""
-    from .default_model import DEFAULT_MODEL_NAME, ensure_default_model
+    from ..proto.default_model import DEFAULT_MODEL_NAME, ensure_default_model
     from .hf import HFBackend
     from .prompting import PromptBuilder
     from .service import WorkerConfig
