@@ -24,6 +24,7 @@ from .subjects import (ARENA_STREAM, ARTIFACTS_BUCKET, CONVERSATION_PREFIX, EVEN
 
 # Ids also appear as subject tokens (events.result.<job id>), hence the alphabet.
 EventId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
+ClientHash = Annotated[str, Field(max_length=128)]  # a salted hash of the client, never its address
 Winner = Literal["model_a", "model_b", "tie", "tie (bothbad)"]
 JobKind = Literal["judge", "train"]
 Scalar = float | int | str | bool
@@ -74,7 +75,7 @@ class Vote(Event):
     anonymous: bool
     conversation_a: EventId  # the ConversationLog ids of both sides
     conversation_b: EventId
-    client: str = Field(default="", max_length=128)
+    client: ClientHash = ""
 
     def subject(self) -> str:
         return vote_subject(self.anonymous)
@@ -89,7 +90,7 @@ class ConversationLog(Event):
     model: ModelName
     messages: tuple[ChatMessage, ...] = Field(min_length=1)
     sampling: SamplingParams = SamplingParams()
-    client: str = Field(default="", max_length=128)
+    client: ClientHash = ""
 
     def subject(self) -> str:
         return conversation_subject(self.model)
@@ -105,7 +106,7 @@ class Feedback(Event):
     kind: Literal["upvote", "downvote", "flag"]
     model: ModelName
     conversation: EventId  # the ConversationLog it is about
-    client: str = Field(default="", max_length=128)
+    client: ClientHash = ""
 
     def subject(self) -> str:
         return feedback_subject(self.kind)
