@@ -32,6 +32,7 @@ from chatfabric.proto.bus import Bus, BusConfig, EventNotStored, connect
 from chatfabric.proto.embedded import EmbeddedServer, free_port
 from chatfabric.proto.events import Vote
 from chatfabric.proto.replay import replay
+from test_eventplane import Restartable
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -61,27 +62,9 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-class Server:
-    """One test's nats-server with a file store, restartable on the same port."""
-
-    def __init__(self, store: Path):
-        self.port, self.store = free_port(), store
-        self.start()
-
-    def start(self) -> None:
-        self.server = EmbeddedServer(port=self.port, store_dir=self.store).start()
-
-    def stop(self) -> None:
-        self.server.stop()
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-
 @pytest.fixture
 def server(tmp_path):
-    srv = Server(tmp_path / "nats")
+    srv = Restartable(tmp_path / "nats")
     yield srv
     srv.stop()
 
