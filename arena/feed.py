@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import nats.errors
-from nats.js.errors import BucketNotFoundError, ObjectNotFoundError
 from pydantic import ValidationError
 
 from ..proto import contract, subjects
@@ -205,9 +204,7 @@ async def _snapshot(bus: Bus, tally: Tally, online_elo: dict[str, float], option
 async def latest_snapshot(bus: Bus) -> Results | None:
     """The follower's latest published leaderboard, or None when none was published yet."""
     try:
-        store = await bus.js.object_store(subjects.ARTIFACTS_BUCKET)
-        stored = await store.get(SNAPSHOT)
-    except (BucketNotFoundError, ObjectNotFoundError):
+        data = await bus.read_artifact(SNAPSHOT)
+    except contract.ContractMissing:
         return None
-    return Results.model_validate_json(stored.data or b"")
-
+    return None if data is None else Results.model_validate_json(data)

@@ -15,6 +15,7 @@ the process exits non-zero and its supervisor restarts it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime
 import hashlib
@@ -27,7 +28,7 @@ from typing import AsyncIterator, Awaitable, Callable
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext, api
-from nats.js.errors import (APIError, BucketNotFoundError, DigestMismatchError, NoStreamResponseError,
+from nats.js.errors import (APIError, BucketNotFoundError, NoStreamResponseError,
                             NotFoundError, ObjectNotFoundError)
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
@@ -43,6 +44,11 @@ log = logging.getLogger(__name__)
 
 # JetStream error code for "maximum messages per subject exceeded" (discard-new per subject).
 ERR_MAX_MSGS_PER_SUBJECT = 10077
+
+# Reading an artifact: seconds to wait for each chunk, and how many versions to try when the
+# object is replaced while it is read.
+_CHUNK_WAIT = 5.0
+_OBJECT_READ_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -309,13 +315,9 @@ class Bus:
     async def get_artifact(self, ref: ArtifactRef) -> bytes:
         """The content `ref` points at; `ArtifactMismatch` when the stored object is not it (it
         was replaced since, or damaged)."""
-        store = await self._artifact_store()
-        try:
-            data = (await store.get(ref.name)).data or b""
-        except ObjectNotFoundError:
-            raise ArtifactMismatch(f"artifact {ref.name!r} is not in '{ref.bucket}'") from None
-        except DigestMismatchError:
-            raise ArtifactMismatch(f"artifact {ref.name!r} is damaged: its chunks do not match its digest") from None
+        data = await self._read_object(ref.name)
+        if data is None:
+            raise ArtifactMismatch(f"artifact {ref.name!r} is not in '{ref.bucket}'")
         found = f"sha256:{hashlib.sha256(data).hexdigest()}"
         if found != ref.digest or len(data) != ref.size:
             raise ArtifactMismatch(f"artifact {ref.name!r} changed since it was referenced: "
@@ -325,11 +327,53 @@ class Bus:
     async def read_artifact(self, name: str) -> bytes | None:
         """The current content stored as `name`, or None when there is none (unpinned: for
         records a process keeps and finds again by name, such as a judge's answers)."""
+        return await self._read_object(name)
+
+    async def _read_object(self, name: str) -> bytes | None:
+        """Read `name` chunk by chunk, waiting at most `_CHUNK_WAIT` for each. nats-py's own
+        `ObjectStore.get` waits forever, and keeps its subscription, when the object is replaced
+        while it is read (the new version's `put` purges the old chunks): here such a read starts
+        over on the new version."""
         store = await self._artifact_store()
+        nuid = None
+        for _ in range(_OBJECT_READ_ATTEMPTS):
+            try:
+                info = await store.get_info(name)
+            except ObjectNotFoundError:
+                return None
+            if info.nuid == nuid:  # the same version again: its chunks are gone, not replaced
+                break
+            nuid = info.nuid
+            if not info.size:
+                return b""
+            data = await self._read_chunks(info)
+            if data is not None:
+                return data
+        raise ArtifactMismatch(f"artifact {name!r} is damaged: its chunks could not be read "
+                               f"within {_CHUNK_WAIT:g} s each")
+
+    async def _read_chunks(self, info: api.ObjectInfo) -> bytes | None:
+        """The chunks of one version of an object, checked against its digest; None when a chunk
+        did not come within `_CHUNK_WAIT` (the version was replaced meanwhile, or is damaged)."""
+        sub = await self.js.subscribe(f"$O.{info.bucket}.C.{info.nuid}", ordered_consumer=True)
+        digest, parts = hashlib.sha256(), []
         try:
-            return (await store.get(name)).data or b""
-        except ObjectNotFoundError:
-            return None
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=_CHUNK_WAIT)
+                except nats.errors.TimeoutError:
+                    return None
+                digest.update(msg.data)
+                parts.append(msg.data)
+                if msg.metadata.num_pending == 0:
+                    break
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+        wanted = base64.urlsafe_b64decode(info.digest.split("=", 1)[1]) if info.digest else None
+        if wanted is not None and digest.digest() != wanted:
+            raise ArtifactMismatch(f"artifact {info.name!r} is damaged: its chunks do not match its digest")
+        return b"".join(parts)
 
     async def has_artifact(self, name: str) -> bool:
         """Whether an object called `name` is stored (one lookup, its content not read)."""

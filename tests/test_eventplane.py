@@ -306,6 +306,26 @@ async def test_an_artifact_round_trips_and_its_reference_pins_the_content(bus):
         await bus.get_artifact(ref.model_copy(update={"name": unique("missing-")}))
 
 
+async def test_an_artifact_read_while_it_is_replaced_gets_one_whole_version_and_keeps_no_subscription(bus):
+    name = unique("snapshot-")
+    versions = [bytes([n]) * 200_000 for n in range(12)]  # two chunks each: a purge can land between them
+    await bus.put_artifact(name, versions[0])
+    subscriptions = len(bus.nc._subs)
+
+    async def replace_all() -> None:
+        for payload in versions[1:]:
+            await bus.put_artifact(name, payload)
+
+    writer = asyncio.create_task(replace_all())
+    reads = []
+    while not writer.done():
+        reads.append(await asyncio.wait_for(bus.read_artifact(name), 30))
+    await writer
+    assert reads and all(read in versions for read in reads)
+    assert await bus.read_artifact(name) == versions[-1]
+    assert len(bus.nc._subs) == subscriptions
+
+
 # -- configuration --------------------------------------------------------------------------------
 
 
