@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -18,6 +17,7 @@ from pathlib import Path
 from ..proto.auth import add_auth_args, auth_from_args
 from ..proto.bus import DEFAULT_URL, Bus, BusConfig, connect
 from ..proto.events import ConversationLog, JobCancel, JobProgress, JobResult, JudgeJob, Vote
+from ..proto.jobs import until_stopped
 from ..proto.replay import replay
 from ..proto.subjects import job_events
 from .agreement import agreement_table, human_verdicts, judge_verdicts, match_question
@@ -188,7 +188,7 @@ async def run_local(job: JudgeJob, bench: Bench, folder: Path, args, stop: async
                 tg.create_task(_one(judging, q, bar))
 
     try:
-        if not await _until_stopped(work(), stop):
+        if not await until_stopped(work(), stop):
             print(f"stopped; run the same command again to resume {job.job_name}", file=sys.stderr)
             return None
         answers, judgments = await collect(job, bench, store)
@@ -207,23 +207,6 @@ async def run_local(job: JudgeJob, bench: Bench, folder: Path, args, stop: async
 async def _one(judging: Judging, question, bar) -> None:
     await judging.run_question(question)
     bar.update(1)
-
-
-async def _until_stopped(coro, stop: asyncio.Event) -> bool:
-    """Run `coro` unless `stop` comes first (then cancel it): True when it finished."""
-    task = asyncio.ensure_future(coro)
-    stopper = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopper.cancel()
-    if task.done():
-        task.result()
-        return True
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    return False
 
 
 def _bar(args, total: int | None, name: str):
@@ -259,7 +242,7 @@ async def submit_and_follow(job: JudgeJob, folder: Path, args, stop: asyncio.Eve
 async def _follow(events: asyncio.Queue, bar, stop: asyncio.Event) -> JobResult | None:
     while True:
         got = asyncio.ensure_future(events.get())
-        if not await _until_stopped(got, stop):
+        if not await until_stopped(got, stop):
             return None
         event = got.result()
         if isinstance(event, JobProgress):

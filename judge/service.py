@@ -75,7 +75,6 @@ def flat_summary(summary: dict) -> dict:
 class JudgeService:
     def __init__(self, bus: Bus, config: ServiceConfig):
         self.bus, self.config = bus, config
-        self.runner: JobRunner | None = None
         self._limiters: dict[str, asyncio.Semaphore] = {}
         self._benches: dict[str, Bench] = {}  # by submission
 
@@ -182,15 +181,10 @@ class JudgeService:
     async def on_dropped(self, job: Job[JudgeJob]) -> None:
         await self._publish_cancelled(job.body, f"job {job.state.value} before it ran")
 
-    async def watch_cancels(self, cancels: asyncio.Queue) -> None:
-        """A cancel stops every part of its job running here within moments."""
-        while True:
-            cancel = await cancels.get()
-            if not isinstance(cancel, JobCancel) or self.runner is None:
-                continue
-            for job in self.runner.jobs():
-                if job.body.job_name == cancel.job_id and job.body.at <= cancel.at:
-                    self.runner.cancel(job.id, cancel.reason or "cancelled")
+    @staticmethod
+    def cancels(job: Job[JudgeJob], cancel: JobCancel) -> bool:
+        """Whether `cancel` stops `job`: every part of the named job submitted before it."""
+        return job.body.job_name == cancel.job_id and job.body.at <= cancel.at
 
     async def _cancel_of(self, body: JudgeJob) -> JobCancel | None:
         cancel = await self.bus.last_event(JobCancel, job_cancel_subject(body.job_name))
@@ -242,9 +236,8 @@ async def serve(bus: Bus, config: ServiceConfig, stop: asyncio.Event) -> None:
     runner = JobRunner(await bus.job_subscription("judge"), JUDGE_JOBS, service.handle,
                        RunnerConfig(capacity=config.capacity, shutdown_grace=config.shutdown_grace),
                        on_failed=service.on_failed, on_dropped=service.on_dropped)
-    service.runner = runner
     async with bus.follow_job_events(JobCancel.SUBJECTS) as cancels:
-        watcher = asyncio.create_task(service.watch_cancels(cancels), name="judge-cancels")
+        watcher = asyncio.create_task(runner.cancel_when_asked(cancels, service.cancels), name="judge-cancels")
         try:
             log.info("judge service %s taking judge jobs (capacity %d)", config.service_id, config.capacity)
             async with runner:

@@ -64,6 +64,7 @@ seconds); a cancelled block abandons its jobs instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -251,6 +252,15 @@ class JobRunner(Generic[B]):
 
     def jobs(self) -> list[Job[B]]:
         return list(self._jobs.values())
+
+    async def cancel_when_asked(self, cancels: asyncio.Queue, matches: Callable[[Job[B], BaseModel], bool]) -> None:
+        """Cancel the running jobs each request from `cancels` (a `JobCancel` queue, see
+        `Bus.follow_job_events`) names, `matches(job, cancel)`, until this task is cancelled."""
+        while True:
+            cancel = await cancels.get()
+            for job in self.jobs():
+                if matches(job, cancel):
+                    self.cancel(job.id, getattr(cancel, "reason", "") or "cancelled")
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -478,3 +488,21 @@ async def _wait_any(*events: asyncio.Event) -> None:
     finally:
         for waiter in waiters:
             waiter.cancel()
+
+
+async def until_stopped(coro, stop: asyncio.Event) -> bool:
+    """Run `coro` (a job's client following it, say) unless `stop` comes first (then cancel
+    it): True when it finished."""
+    task = asyncio.ensure_future(coro)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if task.done():
+        task.result()
+        return True
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return False

@@ -1,15 +1,21 @@
 """The trainer on a real fabric: a train job killed mid-run resumes from its stored checkpoint
 on another trainer and ends at the same step; its adapter is published, served by a worker
-(`--adapter artifact://NAME`) and answers through the gateway; a failing job says why."""
+(`--adapter artifact://NAME`) and answers the trained prompt unlike the base model through the
+gateway; a failing job says why; a cancelled job stops within moments, running or not yet
+pulled, and leaves nothing on the queue."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
+import time
 import uuid
 
 from chatfabric.proto.bus import BusConfig, connect
-from chatfabric.proto.events import JobProgress, JobResult, ModelPublished, TrainJob
+from chatfabric.proto import subjects
+from chatfabric.proto.events import JobCancel, JobProgress, JobResult, ModelPublished, TrainJob
 from chatfabric.proto.subjects import job_events
 
 SHAREGPT = "/work/shared/data/sharegpt/dummy_conversation.json"
@@ -22,13 +28,15 @@ def ensure_contract(url):
     asyncio.run(ensure())
 
 
-async def submit_and_watch(url, job_of, on_progress=None, timeout=400):
+async def submit_and_watch(url, job_of, on_progress=None, timeout=400, before=None):
     async with connect(BusConfig.from_env(url=url), "test") as bus:
         data = "\n".join(json.dumps(r) for r in json.load(open(SHAREGPT))[:2]).encode()
         ref = await bus.put_artifact(f"train-data/{uuid.uuid4().hex}.jsonl", data)
         job = job_of(ref)
         seen = []
         async with bus.follow_job_events(job_events(job.id), since=job.at - 1) as events:
+            if before is not None:
+                await before(bus, job)
             await bus.publish_event(job)
             async with asyncio.timeout(timeout):
                 while True:
@@ -74,11 +82,55 @@ def test_killed_trainer_resumes_and_the_adapter_is_served(fabric, tmp_path):
 
     _, base = fabric.gateway()
     fabric.worker(name, "--adapter", f"artifact://{name}", "--max-concurrency", "1")
+    fabric.worker(f"{name}-base", "--max-concurrency", "1")
     fabric.wait_workers(base, name, 1, timeout=240)
+    fabric.wait_workers(base, f"{name}-base", 1, timeout=240)
     client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=300)
-    reply = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Who are you?"}],
-                                           max_tokens=8, temperature=0)
-    assert reply.choices[0].message.content
+    answers = [client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Who are you?"}],
+                                              max_tokens=12, temperature=0).choices[0].message.content
+               for model in (name, f"{name}-base")]
+    assert all(answers) and answers[0] != answers[1], answers  # the trained prompt, answered otherwise
+
+
+def test_a_running_or_waiting_job_is_cancelled_and_leaves_nothing_queued(fabric, tmp_path):
+    ensure_contract(fabric.nats_url)
+    trainer = fabric._spawn("trainer", ["trainer", "serve", "--work-dir", str(tmp_path / "t")])
+    params = {"max_steps": 500, "save_steps": 1000, "max_length": 64, "batch_size": 2}
+    cancelled_at = []
+
+    def cancel_once_training(progress: JobProgress):
+        if progress.done >= 1 and not cancelled_at:
+            cancelled_at.append(time.monotonic())
+            shown = subprocess.run([sys.executable, "-m", "chatfabric.deploy.cli", "train", "cancel", progress.job_id,
+                                    "--reason", "wrong data", "--nats-url", fabric.nats_url],
+                                   capture_output=True, text=True, timeout=60)
+            assert shown.returncode == 0 and f"cancel recorded for train job {progress.job_id}" in shown.stdout, shown
+
+    result, seen = asyncio.run(submit_and_watch(fabric.nats_url, lambda ref: TrainJob(
+        base_model=str(fabric.model_dir), data=ref, output_model="never", method="lora", params=params),
+        cancel_once_training, timeout=300))
+    assert cancelled_at and not result.ok and result.error == "cancelled: cancelled while training", result
+    assert time.monotonic() - cancelled_at[0] < 60
+    assert max(e.done for e in seen if isinstance(e, JobProgress)) < 500
+
+    async def cancel_first(bus, job):
+        await bus.publish_event(JobCancel(job_id=job.id, kind="train", reason="changed my mind", at=job.at + 1))
+
+    result, seen = asyncio.run(submit_and_watch(fabric.nats_url, lambda ref: TrainJob(
+        base_model=str(fabric.model_dir), data=ref, output_model="never", method="lora", params=params),
+        timeout=60, before=cancel_first))
+    assert not result.ok and result.error == "cancelled: changed my mind", result
+    assert not [e for e in seen if isinstance(e, JobProgress)]  # dropped unrun
+
+    async def queue_state():
+        async with connect(BusConfig.from_env(url=fabric.nats_url), "test") as bus:
+            info = await bus.js.consumer_info(subjects.JOBS_STREAM, subjects.TRAIN_CONSUMER)
+            return info.num_pending, info.num_ack_pending
+    deadline = time.monotonic() + 30
+    while (state := asyncio.run(queue_state())) != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert state == (0, 0)
+    assert trainer.popen.poll() is None  # the service goes on taking jobs
 
 
 def test_a_failing_job_publishes_why(fabric, tmp_path):

@@ -1,5 +1,6 @@
-"""`chatfabric train sft|dpo`: train here (a progress bar, checkpoints in --output, the result
-published with --publish-as), or `--submit` the run as a train job and follow it."""
+"""`chatfabric train sft|dpo|cancel`: train here (a progress bar, checkpoints in --output, the
+result published with --publish-as), or `--submit` the run as a train job and follow it, or
+cancel a submitted job."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import Callable
 
 from ..proto.auth import auth_from_args
 from ..proto.bus import DEFAULT_URL, BusConfig, connect
-from ..proto.events import JobProgress, JobResult, TrainJob
+from ..proto.events import JobCancel, JobProgress, JobResult, TrainJob
+from ..proto.jobs import until_stopped
 from ..proto.subjects import job_events
 from .progress import Hooks, Progress
 from .settings import TrainSettings
@@ -42,6 +44,12 @@ def add_args(p: argparse.ArgumentParser, common: Callable[[argparse.ArgumentPars
     dpo.add_argument("--include-named", action="store_true", help="--from-arena: named battles too, not only anonymous")
     dpo.add_argument("--beta", type=float, help="DPO beta (default 0.1)")
     common(dpo)
+    cancel = parsers.add_parser("cancel", help="cancel a submitted train job",
+                                description="Stop a train job submitted with --submit, wherever it runs "
+                                "(within a step, no checkpoint kept), or drop it before it starts.")
+    cancel.add_argument("job_id", help="the id `--submit` printed")
+    cancel.add_argument("--reason", default="cancelled by an operator")
+    common(cancel)
 
 
 def _shared(p: argparse.ArgumentParser) -> None:
@@ -78,12 +86,15 @@ def _bus(args):
 
 
 async def run(args, stop: asyncio.Event) -> None:
+    if args.train_command == "cancel":
+        await cancel_job(args)
+        return
     settings = TrainSettings.from_args(args, method_of(args))
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     data = Path(args.data) if args.data else await _arena_pairs(args, output)
     if args.submit:
-        await submit(args, settings, data)
+        await submit(args, settings, data, stop)
         return
     from .sft import RunSpec
 
@@ -139,8 +150,15 @@ async def _arena_pairs(args, output: Path) -> Path:
     return path
 
 
-async def submit(args, settings: TrainSettings, data: Path) -> None:
-    """Store the data, publish the job, and follow its events to its result."""
+async def cancel_job(args) -> None:
+    async with _bus(args) as bus:
+        await bus.publish_event(JobCancel(job_id=args.job_id, kind="train", reason=args.reason))
+    print(f"cancel recorded for train job {args.job_id}")
+
+
+async def submit(args, settings: TrainSettings, data: Path, stop: asyncio.Event) -> None:
+    """Store the data, publish the job, and follow its events to its result. Ctrl-C stops
+    following; the job goes on (`chatfabric train cancel ID` stops it)."""
     async with _bus(args) as bus:
         job_id = TrainJob.model_fields["id"].default_factory()
         data_ref = await bus.put_artifact(f"train-data/{job_id}/{data.name}", data.read_bytes())
@@ -154,7 +172,12 @@ async def submit(args, settings: TrainSettings, data: Path) -> None:
         async with bus.follow_job_events(job_events(job.id), since=job.at - 1) as events:
             await bus.publish_event(job)
             print(f"submitted train job {job.id}: {job.output_model}")
-            result = await follow(events)
+            following = asyncio.ensure_future(follow(events))
+            if not await until_stopped(following, stop):
+                print(f"stopped following train job {job.id}, which goes on; "
+                      f"`chatfabric train cancel {job.id}` stops it")
+                return
+            result = following.result()
     if not result.ok:
         raise ValueError(f"train job {job.id} failed: {result.error}")
     ref = result.artifacts[0]

@@ -40,11 +40,13 @@ class Progress:
 @dataclass
 class Hooks:
     """What a run tells its caller, from the training thread, and how it is asked to stop:
-    `stop` set means save a checkpoint at the next step's end and return."""
+    `stop` set means return at the next step's end, after a checkpoint unless `save_on_stop` was
+    cleared first (a cancelled run is not resumed: nothing to save)."""
 
     on_progress: Callable[[Progress], None] = lambda progress: None
     on_checkpoint: Callable[[Path, int], None] = lambda folder, step: None
     stop: threading.Event = field(default_factory=threading.Event)
+    save_on_stop: bool = True
 
 
 @dataclass

@@ -8,6 +8,8 @@ next trainer to take it resumes from the checkpoint this one stored in the artif
 losing a job is not. A job whose result is already published is not trained again (a
 redelivery after the work was done): its result is published once more. A job that fails
 (bad data, bad settings, an error in training) is terminated and its `JobResult` says why.
+A `JobCancel` naming the job (`chatfabric train cancel ID`) stops it within a step, with no
+checkpoint, wherever it runs; one that comes before the job is pulled drops it unrun.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from pathlib import Path
 
 from ..proto import tracing
 from ..proto.bus import Bus
-from ..proto.events import JobProgress, JobResult, TrainJob
-from ..proto.jobs import Job, JobKind, JobRunner, RunnerConfig
-from ..proto.subjects import result_subject
+from ..proto.events import JobCancel, JobProgress, JobResult, TrainJob
+from ..proto.jobs import Interrupt, Job, JobKind, JobRunner, Refuse, RunnerConfig
+from ..proto.subjects import job_cancel_subject, result_subject
 from .progress import Hooks, Progress
 from .publish import fetch_checkpoint, publish_model, store_checkpoint, write_card
 from .settings import TrainSettings
@@ -69,6 +71,18 @@ class TrainerService:
     async def _handle(self, job: Job[TrainJob], body: TrainJob) -> None:
         if await self._finished(body):
             return
+        cancel = await self.bus.last_event(JobCancel, job_cancel_subject(body.id))
+        if cancel is not None and self.cancels(job, cancel):
+            await self._publish_cancelled(body, cancel.reason)
+            raise Refuse(f"cancelled: {cancel.reason}")
+        try:
+            await self._run(job, body)
+        except asyncio.CancelledError:
+            if job.interrupt is Interrupt.CANCEL:
+                await asyncio.shield(self._publish_cancelled(body, "cancelled while training"))
+            raise
+
+    async def _run(self, job: Job[TrainJob], body: TrainJob) -> None:
         settings = TrainSettings.from_params(body.method, dict(body.params))
         base = await asyncio.to_thread(resolve_base_model, body.base_model)
         work = self.config.work_dir / body.id
@@ -78,7 +92,7 @@ class TrainerService:
             await self._progress(body, Progress(0, settings.max_steps if settings.max_steps > 0 else 0, 0.0),
                                  f"started on delivery {job.delivery}" + (f", resuming {spec.resume.name}"
                                                                           if spec.resume else ""))
-            result = await self._train(body, spec)
+            result = await self._train(job, body, spec)
             card = write_card(result.folder, name=body.output_model, base_model=body.base_model,
                               data=body.data.name, settings=settings, metrics=result.metrics)
             ref = await publish_model(self.bus, result.folder, card, job_id=body.id)
@@ -100,9 +114,10 @@ class TrainerService:
         resume = await fetch_checkpoint(self.bus, body.id, checkpoints) if settings.method != "dpo" else None
         return RunSpec(base, data, work, settings, eval_data=eval_data, resume=resume or False)
 
-    async def _train(self, body: TrainJob, spec: RunSpec):
-        """The run, in a thread; a cancelled handler asks it to stop (it checkpoints first) and
-        waits for it, so nothing trains on after its job was handed back."""
+    async def _train(self, job: Job[TrainJob], body: TrainJob, spec: RunSpec):
+        """The run, in a thread; a cancelled handler asks it to stop (after a checkpoint, unless
+        the job itself was cancelled) and waits for it, so nothing trains on after its job was
+        handed back."""
         from .dpo import run_dpo
         from .sft import run_sft
 
@@ -117,6 +132,7 @@ class TrainerService:
         try:
             return await asyncio.shield(training)
         except asyncio.CancelledError:
+            hooks.save_on_stop = job.interrupt is not Interrupt.CANCEL
             hooks.stop.set()
             await asyncio.wait([training], timeout=self.config.shutdown_grace)
             raise
@@ -137,6 +153,18 @@ class TrainerService:
         await self.bus.publish_event(result)
         return True
 
+    @staticmethod
+    def cancels(job: Job[TrainJob], cancel: JobCancel) -> bool:
+        """Whether `cancel` stops `job`: a train job's cancel names its id."""
+        return cancel.kind == "train" and cancel.job_id == job.body.id and cancel.at >= job.body.at
+
+    async def _publish_cancelled(self, body: TrainJob, reason: str) -> None:
+        await self.bus.publish_event(JobResult(id=f"{body.id}-cancelled", job_id=body.id, kind="train", ok=False,
+                                               error=f"cancelled: {reason}"))
+
+    async def on_dropped(self, job: Job[TrainJob]) -> None:
+        await self._publish_cancelled(job.body, f"job {job.state.value} before it ran")
+
     async def on_failed(self, job: Job[TrainJob]) -> None:
         error = f"{type(job.error).__name__}: {job.error}"
         await self.bus.publish_event(JobResult(id=f"{job.id}-failed", job_id=job.id, kind="train", ok=False,
@@ -152,7 +180,12 @@ async def serve(bus: Bus, config: ServiceConfig, stop: asyncio.Event) -> None:
     service = TrainerService(bus, config)
     runner = JobRunner(await bus.job_subscription("train"), TRAIN_JOBS, service.handle,
                        RunnerConfig(capacity=config.capacity, shutdown_grace=config.shutdown_grace),
-                       on_failed=service.on_failed)
-    log.info("trainer taking train jobs (capacity %d, work in %s)", config.capacity, config.work_dir)
-    async with runner:
-        await runner.pull(stop)
+                       on_failed=service.on_failed, on_dropped=service.on_dropped)
+    async with bus.follow_job_events(JobCancel.SUBJECTS) as cancels:
+        watcher = asyncio.create_task(runner.cancel_when_asked(cancels, service.cancels), name="train-cancels")
+        try:
+            log.info("trainer taking train jobs (capacity %d, work in %s)", config.capacity, config.work_dir)
+            async with runner:
+                await runner.pull(stop)
+        finally:
+            watcher.cancel()

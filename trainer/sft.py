@@ -118,7 +118,7 @@ def _callback(hooks: Hooks, meter: Meter, losses: list):
 
         def on_step_end(self, args, state, control, **kwargs):
             if hooks.stop.is_set():
-                control.should_save = True
+                control.should_save = hooks.save_on_stop
                 control.should_training_stop = True
 
         def on_save(self, args, state, control, **kwargs):
