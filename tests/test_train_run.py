@@ -1,5 +1,6 @@
 """Tiny real training runs on SmolLM2 (CPU): SFT with LoRA overfits a batch, DPO widens the
-chosen-minus-rejected margin, QLoRA is refused on a CPU, arena votes become pairs."""
+chosen-minus-rejected margin, a DPO run stopped at a checkpoint and resumed ends exactly where an
+uninterrupted one does, QLoRA is refused on a CPU, arena votes become pairs."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from chatfabric.proto.events import ConversationLog, Vote
 from chatfabric.proto.messages import ChatMessage
 from chatfabric.trainer.dpo import run_dpo
 from chatfabric.trainer.pairs import arena_pairs
-from chatfabric.trainer.progress import Hooks
+from chatfabric.trainer.progress import Hooks, Stopped
 from chatfabric.trainer.settings import TrainSettings
 from chatfabric.trainer.sft import RunSpec, check_device, run_sft
 
@@ -42,15 +43,40 @@ def test_qlora_is_refused_on_a_cpu():
         check_device(TrainSettings(method="lora", qlora=True))
 
 
-def test_dpo_widens_the_margin(model_dir, tmp_path):
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("\n".join(json.dumps(p) for p in [
+def tiny_pairs(path):
+    path.write_text("\n".join(json.dumps(p) for p in [
         {"prompt": "Say yes.", "chosen": "Yes.", "rejected": "No way."},
-        {"prompt": [{"role": "user", "content": "Colour of the sky?"}], "chosen": "Blue.", "rejected": "Green."}]))
+        {"prompt": [{"role": "user", "content": "Colour of the sky?"}], "chosen": "Blue.", "rejected": "Green."},
+        {"prompt": "Two plus two?", "chosen": "Four.", "rejected": "Five."}]))
+    return path
+
+
+def test_dpo_widens_the_margin(model_dir, tmp_path):
     settings = TrainSettings(method="dpo", max_length=64, max_steps=3, lr=5e-3, batch_size=2)
-    result = run_dpo(RunSpec(model_dir, pairs, tmp_path / "out", settings), Hooks(stop=threading.Event()))
+    result = run_dpo(RunSpec(model_dir, tiny_pairs(tmp_path / "pairs.jsonl"), tmp_path / "out", settings),
+                     Hooks(stop=threading.Event()))
     assert result.metrics["first_margin"] == pytest.approx(0.0, abs=1e-4)  # the adapter starts as a no-op
     assert result.metrics["last_margin"] > result.metrics["first_margin"]
+
+
+def test_dpo_stopped_and_resumed_ends_where_an_uninterrupted_run_does(model_dir, tmp_path):
+    pairs = tiny_pairs(tmp_path / "pairs.jsonl")
+    settings = TrainSettings(method="dpo", max_length=64, max_steps=4, lr=5e-3, batch_size=2, save_steps=100)
+    whole = run_dpo(RunSpec(model_dir, pairs, tmp_path / "whole", settings), Hooks())
+
+    checkpoints = []
+    hooks = Hooks(on_checkpoint=lambda folder, step: checkpoints.append((folder.name, step)))
+    hooks.on_progress = lambda progress: progress.step == 2 and hooks.stop.set()
+    with pytest.raises(Stopped, match="stopped at step 2 of 4"):
+        run_dpo(RunSpec(model_dir, pairs, tmp_path / "parts", settings), hooks)
+    assert checkpoints == [("checkpoint-2", 2)]
+    steps = []
+    resumed = run_dpo(RunSpec(model_dir, pairs, tmp_path / "parts", settings, resume=True),
+                      Hooks(on_progress=lambda progress: steps.append(progress.step)))
+    assert steps == [3, 4]
+    assert resumed.metrics == pytest.approx(whole.metrics, abs=1e-5)  # same curve, same end
+    with pytest.raises(ValueError, match="no checkpoint"):
+        run_dpo(RunSpec(model_dir, pairs, tmp_path / "nothing", settings, resume=True), Hooks())
 
 
 def conv(cid, model, answer, question="Q?"):

@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -16,7 +17,7 @@ from ..proto.bus import DEFAULT_URL, BusConfig, connect
 from ..proto.events import JobCancel, JobProgress, JobResult, TrainJob
 from ..proto.jobs import until_stopped
 from ..proto.subjects import job_events
-from .progress import Hooks, Progress
+from .progress import Hooks, Progress, Stopped
 from .settings import TrainSettings
 
 log = logging.getLogger("chatfabric")
@@ -100,7 +101,11 @@ async def run(args, stop: asyncio.Event) -> None:
 
     spec = RunSpec(_base(args.model_path), data, output, settings,
                    eval_data=Path(args.eval_data) if getattr(args, "eval_data", None) else None, resume=args.resume)
-    result = await train_here(spec, stop)
+    try:
+        result = await train_here(spec, stop)
+    except Stopped as stopped:
+        print(f"{stopped}; the same command with --resume goes on from there", file=sys.stderr)
+        raise SystemExit(1) from None
     print(f"saved {result.folder}: " + ", ".join(f"{k} {v}" for k, v in result.metrics.items()))
     if args.publish_as:
         from .publish import publish_model, write_card

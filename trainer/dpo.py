@@ -3,6 +3,10 @@ and loop) rather than taken from `trl`: the reference model is the same weights 
 adapter switched off (no second copy in memory), and samples are rendered with the same masks
 as SFT (`masks.py`), so the answer tokens scored are exactly those the worker would produce.
 
+Checkpoints (`checkpoint-<step>`: the adapter, the optimizer's state, the loss and margin so
+far) every `save_steps` and when asked to stop; a resumed run takes the same batches as an
+uninterrupted one, since a step's batch depends on its number alone.
+
 Pairs come from a JSON Lines file (`{"prompt": str | [messages], "chosen": str, "rejected": str}`)
 or from arena votes (`pairs.py`)."""
 
@@ -16,7 +20,7 @@ from pathlib import Path
 from ..proto.messages import ChatMessage
 from .data import DataError
 from .masks import IGNORE, Sample, render_with_mask
-from .progress import Hooks, Meter
+from .progress import Hooks, Meter, Stopped
 from .sft import RunResult, RunSpec, load_model, save_result
 
 log = logging.getLogger(__name__)
@@ -97,7 +101,13 @@ def run_dpo(spec: RunSpec, hooks: Hooks) -> RunResult:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.learning_rate)
     total = s.max_steps if s.max_steps > 0 else int(len(rendered) * s.epochs / s.batch_size) or 1
     meter, margins, losses = Meter(), [], []
-    for step in range(1, total + 1):
+    start = 0
+    if (checkpoint := _checkpoint_to_resume(spec)) is not None:
+        start, losses, margins = load_checkpoint(checkpoint, model, optimizer)
+        log.info("DPO resumes from %s (step %d)", checkpoint, start)
+    meter.restart(start)
+    for step in range(start + 1, total + 1):
+        # the batch is a function of the step alone: a resumed run sees what an uninterrupted one would
         batch = [rendered[((step - 1) * s.batch_size + i) % len(rendered)] for i in range(s.batch_size)]
         loss, margin = _step(model, batch, s.beta, meter)
         optimizer.step()
@@ -105,13 +115,69 @@ def run_dpo(spec: RunSpec, hooks: Hooks) -> RunResult:
         losses.append(loss)
         margins.append(margin)
         hooks.on_progress(meter.progress(step, total, step * s.batch_size / len(rendered), loss=loss, lr=s.learning_rate))
-        if hooks.stop.is_set():
-            raise InterruptedError("stopped before the end: DPO runs have no checkpoints to resume from")
+        stopping = hooks.stop.is_set() and step < total
+        if step % s.save_steps == 0 or (stopping and hooks.save_on_stop):
+            folder = save_checkpoint(spec.output / "checkpoints", step, model, optimizer, losses, margins)
+            hooks.on_checkpoint(folder, step)
+        if stopping:
+            raise Stopped(f"stopped at step {step} of {total}"
+                          + (f", checkpoint in {spec.output / 'checkpoints'}" if hooks.save_on_stop else ""))
     folder = spec.output / "final"
     save_result(model, tokenizer, folder, merge=s.merge)
     return RunResult(folder, {"steps": total, "pairs": len(rendered), "first_loss": round(losses[0], 6),
                               "last_loss": round(losses[-1], 6), "first_margin": round(margins[0], 6),
                               "last_margin": round(margins[-1], 6)})
+
+
+# -- checkpoints: the adapter, the optimizer and the curves so far, as `checkpoint-<step>` -------
+
+STATE_FILE = "trainer_state.json"  # the name and `global_step` key the service's checkpoint store reads
+
+
+def save_checkpoint(into: Path, step: int, model, optimizer, losses: list, margins: list) -> Path:
+    """Write `into/checkpoint-<step>` (replacing older ones: one is kept, as for SFT)."""
+    import shutil
+
+    import torch
+
+    folder = into / f"checkpoint-{step}"
+    staging = into / f".checkpoint-{step}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    model.save_pretrained(str(staging))
+    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+    torch.save(torch.get_rng_state(), staging / "rng_state.pt")  # LoRA dropout draws from it
+    (staging / STATE_FILE).write_text(json.dumps({"global_step": step, "losses": losses, "margins": margins}))
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)  # a checkpoint is whole or absent
+    for older in into.glob("checkpoint-*"):
+        if older != folder:
+            shutil.rmtree(older, ignore_errors=True)
+    return folder
+
+
+def load_checkpoint(folder: Path, model, optimizer) -> tuple[int, list, list]:
+    """Load a checkpoint into `model` (its adapter weights) and `optimizer`; its step and curves."""
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = json.loads((folder / STATE_FILE).read_text())
+    set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    torch.set_rng_state(torch.load(folder / "rng_state.pt", weights_only=True))
+    return int(state["global_step"]), list(state["losses"]), list(state["margins"])
+
+
+def _checkpoint_to_resume(spec: RunSpec) -> Path | None:
+    if spec.resume is False:
+        return None
+    if spec.resume is not True:
+        return Path(spec.resume)
+    found = sorted((spec.output / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    if not found:
+        raise ValueError(f"--resume: no checkpoint in {spec.output / 'checkpoints'}")
+    return found[-1]
 
 
 def _step(model, batch, beta: float, meter: Meter) -> tuple[float, float]:

@@ -37,6 +37,11 @@ class Progress:
         return ", ".join(parts)
 
 
+class Stopped(Exception):
+    """A run asked to stop (`Hooks.stop`) before its last step: what it saved is a checkpoint,
+    not a result."""
+
+
 @dataclass
 class Hooks:
     """What a run tells its caller, from the training thread, and how it is asked to stop:

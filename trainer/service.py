@@ -111,7 +111,7 @@ class TrainerService:
             eval_data.write_bytes(await self.bus.get_artifact(body.eval_data))
         checkpoints = work / "checkpoints"
         checkpoints.mkdir(exist_ok=True)
-        resume = await fetch_checkpoint(self.bus, body.id, checkpoints) if settings.method != "dpo" else None
+        resume = await fetch_checkpoint(self.bus, body.id, checkpoints)
         return RunSpec(base, data, work, settings, eval_data=eval_data, resume=resume or False)
 
     async def _train(self, job: Job[TrainJob], body: TrainJob, spec: RunSpec):

@@ -3,7 +3,7 @@
 position ids, so attention stays within a sample and no compute is spent on padding.
 
 `run_sft` blocks: callers run it in a thread. It reports progress and checkpoints through
-`Hooks`, and stops (after a checkpoint) when `hooks.stop` is set.
+`Hooks`, and when `hooks.stop` is set it saves a checkpoint and raises `Stopped`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .data import load_conversations
 from .masks import MaskReport, Sample, render_with_mask
-from .progress import Hooks, Meter
+from .progress import Hooks, Meter, Stopped
 from .settings import TrainSettings
 
 log = logging.getLogger(__name__)
@@ -166,10 +166,15 @@ def run_sft(spec: RunSpec, hooks: Hooks) -> RunResult:
     if resume is True and not any((spec.output / "checkpoints").glob("checkpoint-*")):
         raise ValueError(f"--resume: no checkpoint in {spec.output / 'checkpoints'}")
     output = trainer.train(resume_from_checkpoint=resume or None)
+    rates = meter.progress(0, 0, 0)  # training alone, not the save below
+    if hooks.stop.is_set() and trainer.state.global_step < trainer.state.max_steps:
+        raise Stopped(f"stopped at step {trainer.state.global_step} of {trainer.state.max_steps}"
+                      + (f", checkpoint in {spec.output / 'checkpoints'}" if hooks.save_on_stop else ""))
     folder = spec.output / "final"
     save_result(trainer.model, tokenizer, folder, merge=s.merge)
     metrics = {"steps": trainer.state.global_step, "samples": report.kept, "skipped": sum(report.skipped.values()),
-               "train_loss": round(output.training_loss, 6), "tokens_per_s": round(meter.progress(0, 0, 0).tokens_per_s, 1)}
+               "train_loss": round(output.training_loss, 6), "tokens_per_s": round(rates.tokens_per_s, 1),
+               "trained_tokens_per_s": round(rates.trained_tokens_per_s, 1)}
     if losses:
         metrics.update(first_loss=round(losses[0], 6), last_loss=round(losses[-1], 6))
     if evaluation is not None:
