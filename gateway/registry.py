@@ -67,7 +67,7 @@ class Registry:
                 await asyncio.sleep(1.0)
 
     async def _watch(self) -> None:
-        watcher = await self._bus.registry.watchall()
+        watcher = await (await self._bus.registry_bucket()).watchall()
         try:
             async for entry in watcher:
                 if entry is None:  # the initial values are all in

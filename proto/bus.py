@@ -180,12 +180,15 @@ class Bus:
         return self.nc.is_connected
 
     async def setup(self, ensure: bool = True) -> "Bus":
-        """Ensure the whole contract (`ensure=True`: gateways, `chatfabric up`, operators) or
-        only bind to what exists (a worker, which may not create streams on a secured fabric)."""
+        """Ensure the whole contract (`ensure=True`: gateways, `chatfabric up`, operators) and
+        bind the worker registry, or leave both to the objects' first use (any other role: a
+        worker may not create streams on a secured fabric, and only workers and gateways read
+        the registry, `registry_bucket`)."""
+        if not ensure:
+            return self
         try:
-            if ensure:
-                await self.ensure_contract()
-            await self._bind_registry()
+            await self.ensure_contract()
+            await self.registry_bucket()
         except _TRANSIENT as err:
             raise ConnectionError(
                 f"JetStream did not answer while {'ensuring' if ensure else 'looking up'} the fabric's streams "
@@ -210,11 +213,17 @@ class Bus:
         if refused:
             raise contract.ContractMismatch("the fabric differs from this process's contract:\n" + "\n".join(refused))
 
-    async def _bind_registry(self) -> None:
-        try:
-            self.registry = await self.js.key_value(subjects.REGISTRY_BUCKET)
-        except BucketNotFoundError:
-            log.info("the '%s' bucket does not exist yet: a gateway creates it", subjects.REGISTRY_BUCKET)
+    async def registry_bucket(self) -> KeyValue:
+        """The worker registry (bound on first use); `contract.ContractMissing` when the bucket
+        does not exist yet."""
+        if self.registry is None:
+            try:
+                self.registry = await self.js.key_value(subjects.REGISTRY_BUCKET)
+            except BucketNotFoundError:
+                raise contract.ContractMissing(
+                    f"the '{subjects.REGISTRY_BUCKET}' bucket does not exist: a gateway (or `chatfabric up`) "
+                    "creates it; start one first") from None
+        return self.registry
 
     async def ensure_consumer(self, model: str) -> JetStreamContext.PullSubscription:
         """Bind to (creating or updating if needed) the durable pull consumer shared by a model's
@@ -464,17 +473,10 @@ class Bus:
         return await self.nc.subscribe(f"{subjects.reply_prefix(gateway_id)}.*", cb=callback)
 
     async def put_card(self, card: WorkerCard) -> None:
-        await self._registry().put(card.worker_id, encode(card))
+        await (await self.registry_bucket()).put(card.worker_id, encode(card))
 
     async def delete_card(self, worker_id: str) -> None:
-        await self._registry().delete(worker_id)
-
-    def _registry(self) -> KeyValue:
-        if self.registry is None:
-            raise contract.ContractMissing(
-                f"the '{subjects.REGISTRY_BUCKET}' bucket did not exist when this process joined: "
-                "a gateway (or `chatfabric up`) creates it; start one first")
-        return self.registry
+        await (await self.registry_bucket()).delete(worker_id)
 
 
 @dataclass

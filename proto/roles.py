@@ -191,7 +191,6 @@ def build_roles() -> dict[str, Role]:
         "arena",
         "records votes and conversations in ARENA, replays it, submits and cancels judge jobs",
         publish=[
-            _api("STREAM.INFO", registry),  # connecting looks the registry bucket up (it reads no key)
             *_stream_admin(ARENA_STREAM), *_stream_reader(ARENA_STREAM), f"{ARENA_PREFIX}.>",
             *_stream_admin(JOBS_STREAM), JUDGE_JOBS, subjects.job_cancel_subject("*"),
             *_stream_reader(EVENTS_STREAM), *_objects_reader(ARTIFACTS_BUCKET),
@@ -204,8 +203,7 @@ def build_roles() -> dict[str, Role]:
         "replays ARENA, follows it through its durable consumer `leaderboard`, writes snapshots as artifacts",
         publish=[
             *_stream_reader(ARENA_STREAM), *_pull_consumer(ARENA_STREAM, LEADERBOARD_CONSUMER, f"{ARENA_PREFIX}.>"),
-            # connecting looks the registry bucket up (it reads no key)
-            _api("STREAM.INFO", registry), *_objects_writer(ARTIFACTS_BUCKET),
+            *_objects_writer(ARTIFACTS_BUCKET),
         ],
         subscribe=[],
         deny_publish=(gen_all, f"{ARENA_PREFIX}.>", f"{JOBS_PREFIX}.>", f"{EVENTS_PREFIX}.>"),
@@ -234,7 +232,6 @@ def _job_runner(name: str, summary: str, consumer: str, jobs: str) -> Role:
         name,
         summary,
         publish=[
-            _api("STREAM.INFO", kv_stream(subjects.REGISTRY_BUCKET)),  # connecting looks the registry up
             *_stream_reader(ARENA_STREAM),
             *_stream_admin(JOBS_STREAM), *_pull_consumer(JOBS_STREAM, consumer, jobs), jobs,
             *_stream_admin(EVENTS_STREAM), *_stream_reader(EVENTS_STREAM), f"{EVENTS_PREFIX}.>",

@@ -155,7 +155,7 @@ async def test_gateway_and_worker_serve_a_request(planes, join):
     await gateway.nc.subscribe(f"{subjects.reply_prefix('g1')}.*", cb=chunks.put)
     await gateway.nc.subscribe(f"{subjects.ALIVE_PREFIX}.*", cb=alive.put)
     await worker.nc.subscribe(subjects.cancel_wildcard(), cb=cancels.put)
-    watcher = await gw_bus.registry.watchall()
+    watcher = await (await gw_bus.registry_bucket()).watchall()
 
     psub = await wk_bus.ensure_consumer(MODEL)
     assert await gw_bus.model_was_served(MODEL)
@@ -174,8 +174,9 @@ async def test_gateway_and_worker_serve_a_request(planes, join):
     await worker.nc.publish(subjects.reply_inbox("g1", "r1"), b"delta")
     await worker.nc.publish(f"{subjects.ALIVE_PREFIX}.w1", b"alive")
     await gateway.nc.publish(subjects.cancel_subject("r1"), b"cancel")
-    await wk_bus.registry.put("w1", b"card")
-    await wk_bus.registry.delete("w1")
+    registry = await wk_bus.registry_bucket()
+    await registry.put("w1", b"card")
+    await registry.delete("w1")
 
     async with asyncio.timeout(5):
         assert (await chunks.get()).subject == subjects.reply_inbox("g1", "r1")
