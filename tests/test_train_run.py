@@ -1,6 +1,7 @@
 """Tiny real training runs on SmolLM2 (CPU): SFT with LoRA overfits a batch, DPO widens the
 chosen-minus-rejected margin, a DPO run stopped at a checkpoint and resumed ends exactly where an
-uninterrupted one does, QLoRA is refused on a CPU, arena votes become pairs."""
+uninterrupted one does, DeepSpeed ZeRO-2 and ZeRO-3 train, stop and resume on the CPU, QLoRA
+is refused on a CPU, arena votes become pairs."""
 
 from __future__ import annotations
 
@@ -36,6 +37,31 @@ def test_lora_sft_loss_decreases_and_saves_an_adapter(model_dir, tmp_path):
     assert (result.folder / "adapter_model.safetensors").is_file()
     assert [p.step for p in seen if p.loss is not None] == [1, 2, 3]
     assert all(p.tokens_per_s > 0 and p.lr is not None for p in seen if p.loss is not None)
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_zero_trains_stops_and_resumes_on_the_cpu(model_dir, tmp_path, monkeypatch, stage):
+    """The shipped ZeRO configs through the Trainer integration, on DeepSpeed's CPU accelerator,
+    in one process with no launcher (the run makes itself a process group of one)."""
+    from safetensors.torch import load_file
+
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    settings = TrainSettings(method="lora", max_length=64, max_steps=3, lr=2e-3, batch_size=2, save_steps=100,
+                             deepspeed=stage)
+    spec = RunSpec(model_dir, tiny_data(tmp_path / "d.jsonl"), tmp_path / "out", settings)
+    saved = []
+    hooks = Hooks(on_checkpoint=lambda folder, step: saved.append(sorted(p.name for p in folder.iterdir())))
+    hooks.on_progress = lambda progress: progress.loss is not None and hooks.stop.set()  # stops after the next step
+    with pytest.raises(Stopped, match="stopped at step 2 of 3"):
+        run_sft(spec, hooks)
+    assert len(saved) == 1 and "global_step2" in saved[0]  # DeepSpeed's own engine state, beside the adapter
+    steps = []
+    result = run_sft(RunSpec(model_dir, spec.data, spec.output, settings, resume=True),
+                     Hooks(on_progress=lambda progress: progress.loss is not None and steps.append(progress.step)))
+    assert result.metrics["steps"] == 3 and steps == [3]  # only the step after the checkpoint ran again
+    weights = load_file(str(result.folder / "adapter_model.safetensors"))
+    assert any("lora_B" in name and tensor.abs().sum() > 0 for name, tensor in weights.items())  # B starts at 0
 
 
 def test_qlora_is_refused_on_a_cpu():

@@ -127,11 +127,27 @@ def _callback(hooks: Hooks, meter: Meter, losses: list):
     return Report()
 
 
+def single_process_group() -> None:
+    """DeepSpeed needs a process group. Under a launcher (`deepspeed`, `torchrun`) the
+    environment describes it; without one, make this process a group of one (rank 0 of 1 on a
+    free local port) instead of letting DeepSpeed look for MPI."""
+    import os
+
+    if "RANK" in os.environ or "LOCAL_RANK" in os.environ:
+        return
+    from ..proto.embedded import free_port
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
+
+
 def training_args(spec: RunSpec, has_eval: bool):
     import torch
     from transformers import TrainingArguments
 
     s = spec.settings
+    if s.deepspeed is not None:
+        single_process_group()
     cuda = torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(spec.output / "checkpoints"), per_device_train_batch_size=s.batch_size,
