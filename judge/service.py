@@ -237,10 +237,5 @@ async def serve(bus: Bus, config: ServiceConfig, stop: asyncio.Event) -> None:
                        RunnerConfig(capacity=config.capacity, shutdown_grace=config.shutdown_grace),
                        on_failed=service.on_failed, on_dropped=service.on_dropped)
     async with bus.follow_job_events(JobCancel.SUBJECTS) as cancels:
-        watcher = asyncio.create_task(runner.cancel_when_asked(cancels, service.cancels), name="judge-cancels")
-        try:
-            log.info("judge service %s taking judge jobs (capacity %d)", config.service_id, config.capacity)
-            async with runner:
-                await runner.pull(stop)
-        finally:
-            watcher.cancel()
+        log.info("judge service %s taking judge jobs (capacity %d)", config.service_id, config.capacity)
+        await runner.serve(stop, cancels, service.cancels)

@@ -253,13 +253,23 @@ class JobRunner(Generic[B]):
     def jobs(self) -> list[Job[B]]:
         return list(self._jobs.values())
 
-    async def cancel_when_asked(self, cancels: asyncio.Queue, matches: Callable[[Job[B], BaseModel], bool]) -> None:
-        """Cancel the running jobs each request from `cancels` (a `JobCancel` queue, see
-        `Bus.follow_job_events`) names, `matches(job, cancel)`, until this task is cancelled."""
+    async def serve(self, stop: asyncio.Event, cancels: asyncio.Queue,
+                    cancels_job: Callable[[Job[B], BaseModel], bool]) -> None:
+        """Take jobs until `stop`, then drain. Meanwhile cancel the running jobs that a request
+        from `cancels` (a `JobCancel` queue, see `Bus.follow_job_events`) names:
+        `cancels_job(job, cancel)`."""
+        watcher = asyncio.create_task(self._cancel_when_asked(cancels, cancels_job), name=f"{self.kind.name}-cancels")
+        try:
+            async with self:
+                await self.pull(stop)
+        finally:
+            watcher.cancel()
+
+    async def _cancel_when_asked(self, cancels: asyncio.Queue, cancels_job: Callable[[Job[B], BaseModel], bool]) -> None:
         while True:
             cancel = await cancels.get()
             for job in self.jobs():
-                if matches(job, cancel):
+                if cancels_job(job, cancel):
                     self.cancel(job.id, getattr(cancel, "reason", "") or "cancelled")
 
     # -- lifecycle -------------------------------------------------------------------------

@@ -182,10 +182,5 @@ async def serve(bus: Bus, config: ServiceConfig, stop: asyncio.Event) -> None:
                        RunnerConfig(capacity=config.capacity, shutdown_grace=config.shutdown_grace),
                        on_failed=service.on_failed, on_dropped=service.on_dropped)
     async with bus.follow_job_events(JobCancel.SUBJECTS) as cancels:
-        watcher = asyncio.create_task(runner.cancel_when_asked(cancels, service.cancels), name="train-cancels")
-        try:
-            log.info("trainer taking train jobs (capacity %d, work in %s)", config.capacity, config.work_dir)
-            async with runner:
-                await runner.pull(stop)
-        finally:
-            watcher.cancel()
+        log.info("trainer taking train jobs (capacity %d, work in %s)", config.capacity, config.work_dir)
+        await runner.serve(stop, cancels, service.cancels)
