@@ -137,7 +137,7 @@ def test_registry_entry_expires_when_worker_dies(fabric, stack):
     async def has_key(key: str) -> bool:
         async with connect(BusConfig(url=fabric.nats_url), name="test") as bus:
             try:
-                await bus.registry.get(key)
+                await (await bus.registry_bucket()).get(key)
                 return True
             except (KeyNotFoundError, KeyDeletedError):
                 return False
