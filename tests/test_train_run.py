@@ -62,6 +62,9 @@ def test_deepspeed_zero_trains_stops_and_resumes_on_the_cpu(model_dir, tmp_path,
     assert result.metrics["steps"] == 3 and steps == [3]  # only the step after the checkpoint ran again
     weights = load_file(str(result.folder / "adapter_model.safetensors"))
     assert any("lora_B" in name and tensor.abs().sum() > 0 for name, tensor in weights.items())  # B starts at 0
+    # the next run in this process (a trainer service's next job) is a plain one, unpartitioned
+    plain = TrainSettings(method="lora", max_length=64, max_steps=1, batch_size=2, save_steps=100)
+    assert run_sft(RunSpec(model_dir, spec.data, tmp_path / "plain", plain), Hooks()).metrics["steps"] == 1
 
 
 def test_qlora_is_refused_on_a_cpu():

@@ -8,6 +8,7 @@ position ids, so attention stays within a sample and no compute is spent on padd
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -127,18 +128,30 @@ def _callback(hooks: Hooks, meter: Meter, losses: list):
     return Report()
 
 
-def single_process_group() -> None:
-    """DeepSpeed needs a process group. Under a launcher (`deepspeed`, `torchrun`) the
-    environment describes it; without one, make this process a group of one (rank 0 of 1 on a
-    free local port) instead of letting DeepSpeed look for MPI."""
+@contextlib.contextmanager
+def deepspeed_scope(settings: TrainSettings):
+    """What a DeepSpeed run needs around it. DeepSpeed needs a process group: under a launcher
+    (`deepspeed`, `torchrun`) the environment describes it; without one, this process becomes a
+    group of one (rank 0 of 1 on a free local port) instead of DeepSpeed looking for MPI, and
+    stays one (DeepSpeed keeps the group for the process's life). Afterwards transformers'
+    global ZeRO-3 flag is cleared: a trainer service runs job after job in one process, and left
+    set, every later `from_pretrained` would build partitioned, empty weights."""
+    if settings.deepspeed is None:
+        yield
+        return
     import os
 
-    if "RANK" in os.environ or "LOCAL_RANK" in os.environ:
-        return
-    from ..proto.embedded import free_port
+    if "RANK" not in os.environ and "LOCAL_RANK" not in os.environ:
+        from ..proto.embedded import free_port
 
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
+    try:
+        yield
+    finally:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
 
 
 def training_args(spec: RunSpec, has_eval: bool):
@@ -146,8 +159,6 @@ def training_args(spec: RunSpec, has_eval: bool):
     from transformers import TrainingArguments
 
     s = spec.settings
-    if s.deepspeed is not None:
-        single_process_group()
     cuda = torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(spec.output / "checkpoints"), per_device_train_batch_size=s.batch_size,
@@ -163,6 +174,11 @@ def training_args(spec: RunSpec, has_eval: bool):
 
 
 def run_sft(spec: RunSpec, hooks: Hooks) -> RunResult:
+    with deepspeed_scope(spec.settings):
+        return _run_sft(spec, hooks)
+
+
+def _run_sft(spec: RunSpec, hooks: Hooks) -> RunResult:
     from transformers import AutoTokenizer, Trainer
 
     from ..proto.templates import PromptBuilder
