@@ -99,7 +99,7 @@ class JudgeService:
                 await self._run_part(body)
         except asyncio.CancelledError:
             if job.interrupt is Interrupt.CANCEL:
-                await asyncio.shield(self._publish_cancelled(body, "cancelled while running"))
+                await asyncio.shield(self._publish_cancelled(body, job.cancel_reason or "cancelled while running"))
             raise
 
     async def _plan(self, body: JudgeJob) -> None:

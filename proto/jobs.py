@@ -167,6 +167,7 @@ class Job(Generic[B]):
     deadline: float | None = None
     state: JobState = JobState.RECEIVED
     interrupt: Interrupt | None = None
+    cancel_reason: str = ""  # what `JobRunner.cancel` was told, when `interrupt` is CANCEL
     error: BaseException | None = None  # why it FAILED
     task: asyncio.Task | None = field(default=None, repr=False)
 
@@ -270,7 +271,7 @@ class JobRunner(Generic[B]):
             cancel = await cancels.get()
             for job in self.jobs():
                 if cancels_job(job, cancel):
-                    self.cancel(job.id, getattr(cancel, "reason", "") or "cancelled")
+                    self.cancel(job.id, getattr(cancel, "reason", ""))
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -325,6 +326,8 @@ class JobRunner(Generic[B]):
         job = self._jobs.get(job_id)
         if job is not None:
             log.info("cancelling %s %s: %s", self.kind.name, job_id, reason)
+            if job.state.running and job.interrupt is None:
+                job.cancel_reason = reason
             self._interrupt(job, Interrupt.CANCEL)
             return
         now = time.monotonic()

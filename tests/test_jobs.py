@@ -237,7 +237,9 @@ async def test_cancel_a_running_job_and_one_not_yet_pulled(server):
         assert [(job.id, job.state) for job in script.dropped] == [("queued", JobState.CANCELLED)]
         for job in jobs.values():
             runner.cancel(job.id, "the client left")
+            runner.cancel(job.id, "a second cancel")  # the first one's reason is the one kept
             assert await ended(job) is JobState.CANCELLED and job.interrupt is Interrupt.CANCEL
+            assert job.cancel_reason == "the client left"
         await eventually(lambda: emptied(queue), "the unstarted one terminated, the started one acked")
         assert script.failed == []
 

@@ -109,7 +109,7 @@ def test_a_running_or_waiting_job_is_cancelled_and_leaves_nothing_queued(fabric,
     result, seen = asyncio.run(submit_and_watch(fabric.nats_url, lambda ref: TrainJob(
         base_model=str(fabric.model_dir), data=ref, output_model="never", method="lora", params=params),
         cancel_once_training, timeout=300))
-    assert cancelled_at and not result.ok and result.error == "cancelled: cancelled while training", result
+    assert cancelled_at and not result.ok and result.error == "cancelled: wrong data", result
     assert time.monotonic() - cancelled_at[0] < 60
     assert max(e.done for e in seen if isinstance(e, JobProgress)) < 500
 

@@ -79,7 +79,7 @@ class TrainerService:
             await self._run(job, body)
         except asyncio.CancelledError:
             if job.interrupt is Interrupt.CANCEL:
-                await asyncio.shield(self._publish_cancelled(body, "cancelled while training"))
+                await asyncio.shield(self._publish_cancelled(body, job.cancel_reason or "cancelled while training"))
             raise
 
     async def _run(self, job: Job[TrainJob], body: TrainJob) -> None:
