@@ -183,12 +183,12 @@ class JudgeService:
 
     @staticmethod
     def cancels(job: Job[JudgeJob], cancel: JobCancel) -> bool:
-        """Whether `cancel` stops `job`: every part of the named job submitted before it."""
-        return job.body.job_name == cancel.job_id and job.body.at <= cancel.at
+        """Whether `cancel` stops `job`: every part of the named judge job submitted before it."""
+        return cancel.kind == "judge" and job.body.job_name == cancel.job_id and job.body.at <= cancel.at
 
     async def _cancel_of(self, body: JudgeJob) -> JobCancel | None:
         cancel = await self.bus.last_event(JobCancel, job_cancel_subject(body.job_name))
-        return cancel if cancel is not None and cancel.at >= body.at else None
+        return cancel if cancel is not None and cancel.kind == "judge" and cancel.at >= body.at else None
 
     async def _publish_cancelled(self, body: JudgeJob, reason: str) -> None:
         await self.bus.publish_event(JobResult(id=f"{submission(body)}-cancelled", job_id=body.job_name, kind="judge",

@@ -191,7 +191,7 @@ class Bus:
             await self.registry_bucket()
         except _TRANSIENT as err:
             raise ConnectionError(
-                f"JetStream did not answer while {'ensuring' if ensure else 'looking up'} the fabric's streams "
+                f"JetStream did not answer while ensuring the fabric's streams "
                 f"and buckets ({type(err).__name__}): is JetStream enabled on the server? On a secured fabric "
                 "only a gateway (or `chatfabric up`, or an admin) may create them: start one first"
             ) from None

@@ -78,6 +78,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import ServiceUnavailableError
 from pydantic import BaseModel
 
+from .events import JobCancel
 from .messages import MessageError, decode
 
 log = logging.getLogger(__name__)
@@ -255,7 +256,7 @@ class JobRunner(Generic[B]):
         return list(self._jobs.values())
 
     async def serve(self, stop: asyncio.Event, cancels: asyncio.Queue,
-                    cancels_job: Callable[[Job[B], BaseModel], bool]) -> None:
+                    cancels_job: Callable[[Job[B], JobCancel], bool]) -> None:
         """Take jobs until `stop`, then drain. Meanwhile cancel the running jobs that a request
         from `cancels` (a `JobCancel` queue, see `Bus.follow_job_events`) names:
         `cancels_job(job, cancel)`."""
@@ -266,12 +267,12 @@ class JobRunner(Generic[B]):
         finally:
             watcher.cancel()
 
-    async def _cancel_when_asked(self, cancels: asyncio.Queue, cancels_job: Callable[[Job[B], BaseModel], bool]) -> None:
+    async def _cancel_when_asked(self, cancels: asyncio.Queue, cancels_job: Callable[[Job[B], JobCancel], bool]) -> None:
         while True:
             cancel = await cancels.get()
             for job in self.jobs():
-                if cancels_job(job, cancel):
-                    self.cancel(job.id, getattr(cancel, "reason", ""))
+                if isinstance(cancel, JobCancel) and cancels_job(job, cancel):
+                    self.cancel(job.id, cancel.reason)
 
     # -- lifecycle -------------------------------------------------------------------------
 
