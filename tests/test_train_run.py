@@ -46,7 +46,8 @@ def test_deepspeed_zero_trains_stops_and_resumes_on_the_cpu(model_dir, tmp_path,
     from safetensors.torch import load_file
 
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # recorded, so that the group's variables the run sets are removed after it
+        monkeypatch.delenv(name)
     settings = TrainSettings(method="lora", max_length=64, max_steps=3, lr=2e-3, batch_size=2, save_steps=100,
                              deepspeed=stage)
     spec = RunSpec(model_dir, tiny_data(tmp_path / "d.jsonl"), tmp_path / "out", settings)

@@ -20,8 +20,8 @@ from pathlib import Path
 from ..proto.messages import ChatMessage
 from .data import DataError
 from .masks import IGNORE, Sample, render_with_mask
-from .progress import Hooks, Meter, Stopped
-from .sft import RunResult, RunSpec, load_model, save_result
+from .progress import Hooks, Meter
+from .sft import RunResult, RunSpec, checkpoint_to_resume, load_model, save_result, stopped
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def run_dpo(spec: RunSpec, hooks: Hooks) -> RunResult:
     total = s.max_steps if s.max_steps > 0 else int(len(rendered) * s.epochs / s.batch_size) or 1
     meter, margins, losses = Meter(), [], []
     start = 0
-    if (checkpoint := _checkpoint_to_resume(spec)) is not None:
+    if (checkpoint := checkpoint_to_resume(spec)) is not None:
         start, losses, margins = load_checkpoint(checkpoint, model, optimizer)
         log.info("DPO resumes from %s (step %d)", checkpoint, start)
     meter.restart(start)
@@ -120,8 +120,7 @@ def run_dpo(spec: RunSpec, hooks: Hooks) -> RunResult:
             folder = save_checkpoint(spec.output / "checkpoints", step, model, optimizer, losses, margins)
             hooks.on_checkpoint(folder, step)
         if stopping:
-            raise Stopped(f"stopped at step {step} of {total}"
-                          + (f", checkpoint in {spec.output / 'checkpoints'}" if hooks.save_on_stop else ""))
+            raise stopped(spec, hooks, step, total)
     folder = spec.output / "final"
     save_result(model, tokenizer, folder, merge=s.merge)
     return RunResult(folder, {"steps": total, "pairs": len(rendered), "first_loss": round(losses[0], 6),
@@ -167,17 +166,6 @@ def load_checkpoint(folder: Path, model, optimizer) -> tuple[int, list, list]:
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     torch.set_rng_state(torch.load(folder / "rng_state.pt", weights_only=True))
     return int(state["global_step"]), list(state["losses"]), list(state["margins"])
-
-
-def _checkpoint_to_resume(spec: RunSpec) -> Path | None:
-    if spec.resume is False:
-        return None
-    if spec.resume is not True:
-        return Path(spec.resume)
-    found = sorted((spec.output / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
-    if not found:
-        raise ValueError(f"--resume: no checkpoint in {spec.output / 'checkpoints'}")
-    return found[-1]
 
 
 def _step(model, batch, beta: float, meter: Meter) -> tuple[float, float]:

@@ -134,8 +134,10 @@ def deepspeed_scope(settings: TrainSettings):
     (`deepspeed`, `torchrun`) the environment describes it; without one, this process becomes a
     group of one (rank 0 of 1 on a free local port) instead of DeepSpeed looking for MPI, and
     stays one (DeepSpeed keeps the group for the process's life). Afterwards transformers'
-    global ZeRO-3 flag is cleared: a trainer service runs job after job in one process, and left
-    set, every later `from_pretrained` would build partitioned, empty weights."""
+    global ZeRO-3 flag is cleared and the environment variables the run set are removed: a
+    trainer service runs job after job in one process, and left set, every later
+    `from_pretrained` would build partitioned, empty weights and every later run would ask for
+    DeepSpeed."""
     if settings.deepspeed is None:
         yield
         return
@@ -146,12 +148,17 @@ def deepspeed_scope(settings: TrainSettings):
 
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
+    before = dict(os.environ)
     try:
         yield
     finally:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()
+        # the run also left ACCELERATE_USE_DEEPSPEED and the like in the environment, which the
+        # process's next run (and every child it starts) would read as "use DeepSpeed"
+        os.environ.clear()
+        os.environ.update(before)
 
 
 def training_args(spec: RunSpec, has_eval: bool):
@@ -194,14 +201,11 @@ def _run_sft(spec: RunSpec, hooks: Hooks) -> RunResult:
     trainer = Trainer(model=load_model(spec.model_path, s), args=training_args(spec, evaluation is not None),
                       train_dataset=train, eval_dataset=evaluation, data_collator=CountingCollator(meter),
                       callbacks=[_callback(hooks, meter, losses)])
-    resume = spec.resume if isinstance(spec.resume, bool) else str(spec.resume)
-    if resume is True and not any((spec.output / "checkpoints").glob("checkpoint-*")):
-        raise ValueError(f"--resume: no checkpoint in {spec.output / 'checkpoints'}")
-    output = trainer.train(resume_from_checkpoint=resume or None)
+    resume = checkpoint_to_resume(spec)
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     rates = meter.progress(0, 0, 0)  # training alone, not the save below
     if hooks.stop.is_set() and trainer.state.global_step < trainer.state.max_steps:
-        raise Stopped(f"stopped at step {trainer.state.global_step} of {trainer.state.max_steps}"
-                      + (f", checkpoint in {spec.output / 'checkpoints'}" if hooks.save_on_stop else ""))
+        raise stopped(spec, hooks, trainer.state.global_step, trainer.state.max_steps)
     folder = spec.output / "final"
     save_result(trainer.model, tokenizer, folder, merge=s.merge)
     metrics = {"steps": trainer.state.global_step, "samples": report.kept, "skipped": sum(report.skipped.values()),
@@ -213,6 +217,24 @@ def _run_sft(spec: RunSpec, hooks: Hooks) -> RunResult:
         eval_loss = trainer.evaluate()["eval_loss"]
         metrics.update(eval_loss=round(eval_loss, 6), eval_perplexity=round(math.exp(min(eval_loss, 50)), 3))
     return RunResult(folder, metrics)
+
+
+def checkpoint_to_resume(spec: RunSpec) -> Path | None:
+    """The checkpoint `spec.resume` names: None, the latest in `output/checkpoints`, or a path."""
+    if spec.resume is False:
+        return None
+    if spec.resume is not True:
+        return Path(spec.resume)
+    found = sorted((spec.output / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    if not found:
+        raise ValueError(f"--resume: no checkpoint in {spec.output / 'checkpoints'}")
+    return found[-1]
+
+
+def stopped(spec: RunSpec, hooks: Hooks, step: int, total: int) -> Stopped:
+    """What a run asked to stop at `step` of `total` raises, saying where its checkpoint is."""
+    return Stopped(f"stopped at step {step} of {total}"
+                   + (f", checkpoint in {spec.output / 'checkpoints'}" if hooks.save_on_stop else ""))
 
 
 def save_result(model, tokenizer, folder: Path, merge: bool) -> None:
