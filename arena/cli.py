@@ -1,7 +1,6 @@
 """`chatfabric arena SUBCOMMAND`: the arena's commands, each in its own module with
 `add_args(parser)` and `async run(args, stop)` (names configurable per entry), composed here as
-`deploy/cli.py` composes the top-level commands. A subcommand whose module cannot be imported
-(not written yet, or its extra not installed) is listed and says why it is not available."""
+`deploy/cli.py` composes the top-level commands (which names the extra when one is missing)."""
 
 from __future__ import annotations
 
@@ -31,29 +30,18 @@ SUBCOMMANDS = (
 
 
 def _module(sub: Subcommand):
-    """The subcommand's module, or the ImportError that keeps it from loading."""
-    try:
-        return importlib.import_module(f"..{sub.module}", __package__)
-    except ImportError as err:
-        return err
+    return importlib.import_module(f"..{sub.module}", __package__)
 
 
 def add_args(p: argparse.ArgumentParser, common: Callable[[argparse.ArgumentParser], None]) -> None:
     """Each subcommand's flags, plus the `common` ones (NATS URL, credentials, log level)."""
     parsers = p.add_subparsers(dest="arena_command", required=True, metavar="SUBCOMMAND")
     for sub in SUBCOMMANDS:
-        module = _module(sub)
-        available = not isinstance(module, ImportError)
-        parser = parsers.add_parser(sub.name, help=sub.help if available else f"{sub.help} (not available)",
-                                    description=sub.help)
-        if available:
-            getattr(module, sub.add_args)(parser)
+        parser = parsers.add_parser(sub.name, help=sub.help, description=sub.help)
+        getattr(_module(sub), sub.add_args)(parser)
         common(parser)
 
 
 async def run(args, stop: asyncio.Event) -> None:
     sub = next(s for s in SUBCOMMANDS if s.name == args.arena_command)
-    module = _module(sub)
-    if isinstance(module, ImportError):
-        raise ValueError(f"arena {sub.name} is not available in this installation ({module})")
-    await getattr(module, sub.run)(args, stop)
+    await getattr(_module(sub), sub.run)(args, stop)

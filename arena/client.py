@@ -7,13 +7,13 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-from dataclasses import dataclass
 from typing import AsyncIterator, Mapping, Sequence
 
 import openai
 from opentelemetry import trace
 
 from ..proto import tracing
+from .session import Sampling
 
 MODELS_MAX_AGE = 2.0  # seconds the list of live models is reused
 _tracer = tracing.tracer("chatfabric.arena")
@@ -25,16 +25,6 @@ class GatewayError(Exception):
     def __init__(self, message: str, status: int | None = None):
         super().__init__(message)
         self.status = status
-
-
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float = 0.7
-    top_p: float = 1.0
-    max_tokens: int = 512
-
-    def as_dict(self) -> dict[str, float | int]:
-        return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens}
 
 
 def _detail(err: openai.APIStatusError) -> str:

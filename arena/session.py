@@ -11,7 +11,18 @@ from dataclasses import dataclass, field
 
 from ..proto.events import ConversationLog, Vote, new_id
 from ..proto.messages import ChatMessage, SamplingParams
-from .client import Sampling
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What the arena asks a model for."""
+
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_tokens: int = 512
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens}
 
 
 class LimitReached(Exception):

@@ -13,28 +13,23 @@ bus connection the handlers use. `/healthz` answers for health checks.
 """
 
 
-import argparse
 import asyncio
 import contextlib
 import logging
 import math
-import os
 import random
 import socket
-from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import AsyncIterator, Awaitable, Callable, Sequence
 
 from ..proto import tracing
 from ..proto.events import Event, Feedback, new_id
-from .client import Gateway, GatewayError, Sampling, draw_pair
-from .leaderboard_cli import positive_int, positive_seconds
-from .session import Limits, LimitReached, RateLimiter, Round, Side, Turn, client_id, new_salt
+from .client import Gateway, GatewayError, draw_pair
+from .config import ArenaConfig, add_args, bind, config_from_args  # noqa: F401 (add_args: `arena serve`'s flags)
+from .session import LimitReached, Sampling, RateLimiter, Round, Side, Turn, client_id, new_salt
 
 log = logging.getLogger(__name__)
 _tracer = tracing.tracer("chatfabric.arena")
 
-DEFAULT_PORT = 7860
-DEFAULT_GATEWAY_URL = "http://127.0.0.1:8000/v1"
 MAX_CHAT_TOKENS = 4096  # the direct chat's max-tokens slider
 VOTES = (("A is better", "model_a"), ("B is better", "model_b"), ("Tie", "tie"), ("Both are bad", "tie (bothbad)"))
 HIDDEN = "Model A and Model B are hidden until you vote."
@@ -42,89 +37,12 @@ ADD_A_WORKER = ("Start another worker to add one, e.g. `chatfabric worker --mode
                 "--nats-url URL`, or run everything with `chatfabric up --model-name a --model-name b`.")
 
 
-@dataclass(frozen=True)
-class ArenaConfig:
-    host: str = "127.0.0.1"
-    port: int = DEFAULT_PORT
-    gateway_url: str = DEFAULT_GATEWAY_URL
-    api_key: str | None = None
-    weights: Mapping[str, float] = field(default_factory=dict)  # battle sampling weights; default 1
-    limits: Limits = Limits()
-    sampling: Sampling = Sampling()  # what battles ask both models for
-    salt: bytes | None = None  # for client hashes; None: a new one per process
-    concurrency: int = 64  # handlers Gradio runs at once (streams in flight)
-    leaderboard_refresh: float = 10.0  # seconds between reads of the leaderboard snapshot
-    title: str = "chatfabric arena"
-
-
-def _weight(text: str) -> tuple[str, float]:
-    model, sep, value = text.rpartition("=")
-    try:
-        weight = float(value)
-    except ValueError:
-        weight = -1.0
-    if not sep or not model or not (0.0 <= weight < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected MODEL=WEIGHT with a weight >= 0, got {text!r}")
-    return model, weight
-
-
-def add_args(p: argparse.ArgumentParser) -> None:
-    """Flags of `chatfabric arena serve` (and of `chatfabric up`'s arena, with --arena- names)."""
-    add_ui_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="HTTP port (default: %(default)s)")
-    p.add_argument("--gateway-url", default=os.environ.get("CHATFABRIC_GATEWAY_URL", DEFAULT_GATEWAY_URL),
-                   help="the gateway's OpenAI API (default: $CHATFABRIC_GATEWAY_URL, else %(default)s)")
-    p.add_argument("--api-key", default=os.environ.get("CHATFABRIC_API_KEY"),
-                   help="key for the gateway (default: $CHATFABRIC_API_KEY)")
-
-
-def add_ui_args(p: argparse.ArgumentParser) -> None:
-    a = p.add_argument_group("arena")
-    a.add_argument("--sampling-weight", action="append", type=_weight, default=[], metavar="MODEL=WEIGHT",
-                   help="how often MODEL is drawn into battles, relative to 1 (the default); 0 keeps it out")
-    a.add_argument("--max-turns", type=positive_int, default=Limits.max_turns,
-                   help="questions per conversation (default: %(default)s)")
-    a.add_argument("--max-input-chars", type=positive_int, default=Limits.max_input_chars,
-                   help="characters per question (default: %(default)s)")
-    a.add_argument("--rounds-per-minute", type=positive_int, default=Limits.rounds_per_minute,
-                   help="new rounds and regenerations per client a minute (default: %(default)s)")
-    a.add_argument("--votes-per-minute", type=positive_int, default=Limits.votes_per_minute,
-                   help="votes and feedback per client a minute (default: %(default)s)")
-    a.add_argument("--battle-max-tokens", type=positive_int, default=Sampling.max_tokens,
-                   help="longest answer in a battle (default: %(default)s)")
-    a.add_argument("--battle-temperature", type=float, default=Sampling.temperature,
-                   help="battles' sampling temperature (default: %(default)s)")
-    a.add_argument("--leaderboard-refresh", type=positive_seconds, default=ArenaConfig.leaderboard_refresh,
-                   help="seconds between reads of the leaderboard snapshot (default: %(default)s)")
-    a.add_argument("--client-salt", default=os.environ.get("CHATFABRIC_ARENA_SALT"),
-                   help="secret mixed into client hashes (default: $CHATFABRIC_ARENA_SALT; else a new one per "
-                   "start, so hashes do not link across restarts)")
-
-
-def ui_config(args, **overrides) -> ArenaConfig:
-    if not 0.0 <= args.battle_temperature <= 2.0:
-        raise ValueError(f"--battle-temperature must be within [0, 2], got {args.battle_temperature}")
-    return ArenaConfig(
-        weights=dict(args.sampling_weight),
-        limits=Limits(max_turns=args.max_turns, max_input_chars=args.max_input_chars,
-                      rounds_per_minute=args.rounds_per_minute, votes_per_minute=args.votes_per_minute),
-        sampling=Sampling(temperature=args.battle_temperature, max_tokens=args.battle_max_tokens),
-        salt=args.client_salt.encode() if args.client_salt else None,
-        leaderboard_refresh=args.leaderboard_refresh,
-        **overrides,
-    )
-
-
-def config_from_args(args) -> ArenaConfig:
-    return ui_config(args, host=args.host, port=args.port, gateway_url=args.gateway_url, api_key=args.api_key)
-
-
 async def run(args, stop: asyncio.Event) -> None:
     from ..proto.auth import auth_from_args
     from ..proto.bus import BusConfig, connect
 
     config = config_from_args(args)
+    await asyncio.to_thread(_import_web_stack)  # a missing web stack is named before anything starts
     async with connect(BusConfig.from_env(url=args.nats_url), "chatfabric-arena", stop,
                        auth=auth_from_args(args), role="arena") as bus:
         await serve(bus, config, stop)
@@ -608,21 +526,6 @@ def _leaderboard_panel(arena: Arena):
 
 
 # -- serving -------------------------------------------------------------------------------------
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """The listening socket, bound here so that a busy port is a clear error."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as err:
-        sock.close()
-        raise OSError(f"the arena cannot listen on {host}:{port}: {err.strerror}") from None
-    sock.listen(128)
-    sock.setblocking(False)
-    return sock
 
 
 async def serve(bus, config: ArenaConfig, stop: asyncio.Event, *, sock: socket.socket | None = None,

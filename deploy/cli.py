@@ -1,6 +1,10 @@
 """The `chatfabric` command. Each component owns its flags, configuration and run (`add_args`,
 `run` in `gateway/cli.py`, `worker/cli.py`, `deploy/up.py`, `bench/cli.py`); this module only
-composes them into subcommands, sets up logging and turns signals into a stop event."""
+composes them into subcommands, sets up logging and turns signals into a stop event.
+
+Only the chosen command's component is imported (`chatfabric --help` imports none), so each
+component installs and runs with its own extra alone; a module that an extra brings and this
+installation lacks is reported as the `pip install "chatfabric[...]"` to run."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 from ..proto.auth import add_auth_args
 from ..proto.bus import DEFAULT_URL, BusLost
 from ..proto.embedded import terminate_all
+from .extras import extra_for, install_hint
 
 log = logging.getLogger("chatfabric")
 
@@ -28,6 +33,7 @@ class Command:
     help: str
     description: str
     module: str  # relative to the chatfabric package, holding add_args(parser) and run(args, stop)
+    extra: str | None  # the extra it is installed with (None: the core dependencies suffice)
     joins_bus: bool = True
     # a command with subcommands: add_args(parser, common) adds the common flags to each of them
     subcommands: bool = False
@@ -36,27 +42,27 @@ class Command:
 COMMANDS = (
     Command("up", "run NATS, a gateway and a worker on this machine",
             "Start everything on one machine: an embedded NATS server (unless --nats-url or $NATS_URL "
-            "names one), the OpenAI-compatible gateway, and one worker.", "deploy.up"),
+            "names one), the OpenAI-compatible gateway, and one worker.", "deploy.up", "hf"),
     Command("gateway", "run an OpenAI-compatible gateway",
-            "Serve the OpenAI REST API, backed by the workers on the fabric.", "gateway.cli"),
+            "Serve the OpenAI REST API, backed by the workers on the fabric.", "gateway.cli", None),
     Command("worker", "serve a model to the fabric",
-            "Pull requests for one model from the fabric and generate.", "worker.cli"),
+            "Pull requests for one model from the fabric and generate.", "worker.cli", "hf"),
     Command("bench", "benchmark an OpenAI-compatible endpoint",
             "Measure TTFT, TPOT, inter-token latency, end-to-end latency and throughput of any "
-            "OpenAI-compatible server (chatfabric, vLLM, FastChat).", "bench.cli", joins_bus=False),
+            "OpenAI-compatible server (chatfabric, vLLM, FastChat).", "bench.cli", None, joins_bus=False),
     Command("leaderboard", "rate the models from the arena's votes",
             "The arena leaderboard (Bradley-Terry with bootstrap intervals, online Elo, style control) from a "
             "replay of the ARENA stream, as of any time, or from a FastChat clean-battle file; --follow keeps "
-            "it current and publishes snapshots.", "arena.leaderboard_cli"),
+            "it current and publishes snapshots.", "arena.leaderboard_cli", "arena"),
     Command("arena", "the arena: web UI, import and export of votes",
             "The Chatbot Arena on the fabric: `serve` the web UI, `import` a FastChat clean-battle file into "
-            "ARENA, `export` ARENA's votes in that format.", "arena.cli", subcommands=True),
+            "ARENA, `export` ARENA's votes in that format.", "arena.cli", "arena", subcommands=True),
     Command("judge", "MT-bench style LLM-as-a-judge: run, serve, show, agreement, cancel",
             "Judge models' answers with an LLM judge (FastChat's MT-bench method), as jobs on the fabric "
-            "shared by any number of judge services, or --local.", "judge.cli", subcommands=True),
-    Command("train", "fine-tune a model: sft (full or LoRA), dpo; here or --submit as a job", "Fine-tune on conversations (SFT, LoRA) or preference pairs (DPO, from arena votes or a file), here or as a train job on the fabric; --publish-as makes the result servable as artifact://NAME.", "trainer.cli", subcommands=True),
-    Command("data", "training data tools: check, clean, split, stats, from-arena, masks", "Check, clean, split and measure training conversations as the trainer reads them, export conversations or preference pairs from ARENA, and show what the trainer trains on (masks).", "trainer.data_cli", subcommands=True),
-    Command("trainer", "the trainer service: serve train jobs", "Take train jobs from the fabric, train, publish progress, checkpoints and models.", "trainer.serve_cli", subcommands=True),
+            "shared by any number of judge services, or --local.", "judge.cli", "judge", subcommands=True),
+    Command("train", "fine-tune a model: sft (full or LoRA), dpo; here or --submit as a job", "Fine-tune on conversations (SFT, LoRA) or preference pairs (DPO, from arena votes or a file), here or as a train job on the fabric; --publish-as makes the result servable as artifact://NAME.", "trainer.cli", "train", subcommands=True),
+    Command("data", "training data tools: check, clean, split, stats, from-arena, masks", "Check, clean, split and measure training conversations as the trainer reads them, export conversations or preference pairs from ARENA, and show what the trainer trains on (masks).", "trainer.data_cli", "train", subcommands=True),
+    Command("trainer", "the trainer service: serve train jobs", "Take train jobs from the fabric, train, publish progress, checkpoints and models.", "trainer.serve_cli", "train", subcommands=True),
 )
 
 
@@ -83,13 +89,17 @@ def add_common_args(p: argparse.ArgumentParser, command: Command) -> None:
     add_auth_args(p)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with `only`, the flags of that command alone (the others are
+    listed by name, and their components are not imported)."""
     parser = argparse.ArgumentParser(
         prog="chatfabric", description="Serve, evaluate and train LLM chatbots on a NATS JetStream fabric."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         p = sub.add_parser(command.name, help=command.help, description=command.description)
+        if only is not None and command.name != only:
+            continue
         if command.subcommands:
             component(command).add_args(p, lambda subparser, c=command: add_common_args(subparser, c))
         else:
@@ -137,22 +147,64 @@ def _command(name: str) -> Command:
     return next(c for c in COMMANDS if c.name == name)
 
 
+def chosen_command(argv: list[str]) -> str:
+    """The command named on the command line ('' when none is: `chatfabric --help`)."""
+    return next((word for word in argv if not word.startswith("-")), "")
+
+
+def missing_extra(err: ModuleNotFoundError, command: Command | None) -> str | None:
+    """What to tell a user whose installation lacks a module an extra brings; None for any
+    other missing module (a bug, left to its traceback)."""
+    if not err.name or err.name.startswith("chatfabric"):
+        return None
+    extra = extra_for(err.name, command.extra if command else None)
+    if extra is None:
+        return None
+    what = f"chatfabric {command.name}" if command else "chatfabric"
+    return f"{what} needs the {extra!r} extra, which is not installed (no module {err.name!r}): {install_hint(extra)}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    command = _command(args.command)
+    argv = sys.argv[1:] if argv is None else argv
+    name = chosen_command(argv)
+    command = next((c for c in COMMANDS if c.name == name), None)
+    try:
+        args = build_parser(only=name).parse_args(argv)
+        return _run(args, _command(args.command))
+    except ModuleNotFoundError as err:
+        message = missing_extra(err, command)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return 2
+
+
+def setup_logging(args) -> None:
+    """Our own loggers at --log-level; other libraries' at WARNING (their per-request INFO
+    lines would bury a command's own output) unless --log-level is debug."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if getattr(args, "log_format", "text") == "json"
+                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    level = logging.getLevelName(args.log_level.upper())
+    if not isinstance(level, int):
+        raise ValueError(f"--log-level: unknown level {args.log_level!r} (debug, info, warning, error)")
+    logging.basicConfig(level=logging.DEBUG if level <= logging.DEBUG else logging.WARNING,
+                        handlers=[handler], force=True)
+    logging.getLogger("chatfabric").setLevel(level)
+    if level > logging.DEBUG:
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def _run(args, command: Command) -> int:
     if not command.joins_bus:  # a client of the fabric, not a process on it: its own synchronous main
         try:
             return component(command).main(args)
         except ValueError as err:
             print(f"chatfabric {command.name}: error: {err}", file=sys.stderr)
             return 2
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if getattr(args, "log_format", "text") == "json"
-                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
-    logging.getLogger("transformers").setLevel(logging.ERROR)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
+        setup_logging(args)
         from ..proto import tracing
 
         tracing.setup(f"chatfabric-{command.name}", getattr(args, "tracing", None))

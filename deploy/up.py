@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from ..arena import ui as arena_ui
+from ..arena import config as arena_settings
 from ..gateway import cli as gateway_cli
 from ..proto.auth import (
     CREDENTIALS_FILE,
@@ -25,6 +25,7 @@ from ..proto.auth import (
 )
 from ..proto.bus import BusConfig, connect
 from ..proto.embedded import EmbeddedServer
+from .extras import install_hint, missing
 from ..worker import cli as worker_cli
 
 log = logging.getLogger("chatfabric")
@@ -38,10 +39,10 @@ def data_dir() -> Path:
 def add_args(p: argparse.ArgumentParser) -> None:
     gateway_cli.add_args(p)
     worker_cli.add_args(p, several=True)
-    arena_ui.add_ui_args(p)
+    arena_settings.add_ui_args(p)
     p.add_argument("--no-arena", dest="arena", action="store_false", help="do not start the arena web UI")
     p.add_argument("--arena-host", default="127.0.0.1", help="address the arena listens on (default: %(default)s)")
-    p.add_argument("--arena-port", type=int, default=arena_ui.DEFAULT_PORT,
+    p.add_argument("--arena-port", type=int, default=arena_settings.DEFAULT_PORT,
                    help="the arena's HTTP port (default: %(default)s)")
     p.add_argument("--snapshot-interval", type=float, default=10.0,
                    help="with the arena, the leaderboard follower publishes a snapshot at most this often, "
@@ -60,8 +61,8 @@ async def run(args, stop: asyncio.Event) -> None:
     from ..worker.service import Worker
 
     gw_config = gateway_cli.config_from_args(args)
-    arena_config = arena_config_from_args(args, gw_config) if args.arena else None
-    arena_socket = arena_ui.bind(arena_config.host, arena_config.port) if arena_config else None
+    arena_config = arena_config_from_args(args, gw_config) if args.arena and arena_installed() else None
+    arena_socket = arena_settings.bind(arena_config.host, arena_config.port) if arena_config else None
     async with contextlib.AsyncExitStack() as stack:
         if arena_socket is not None:
             stack.callback(arena_socket.close)
@@ -76,7 +77,9 @@ async def run(args, stop: asyncio.Event) -> None:
                  for worker in workers]
         tasks.append(asyncio.create_task(serve(bus, gw_config, stop), name="gateway"))
         if arena_config is not None:
-            tasks.append(asyncio.create_task(arena_ui.serve(bus, arena_config, stop, sock=arena_socket), name="arena"))
+            from ..arena import ui
+
+            tasks.append(asyncio.create_task(ui.serve(bus, arena_config, stop, sock=arena_socket), name="arena"))
             if args.nats_url:  # someone else's fabric: it may have its follower already
                 log.info("joined fabric: not starting a leaderboard follower (run `chatfabric leaderboard --follow` "
                          "once per fabric)")
@@ -91,6 +94,15 @@ async def run(args, stop: asyncio.Event) -> None:
         await asyncio.gather(*tasks)
 
 
+def arena_installed() -> bool:
+    """Whether the arena's extra is here; without it `up` leaves the arena out and says so."""
+    absent = missing("arena")
+    if absent:
+        log.warning("the arena is left out: its extra is not installed (no %s); %s adds it",
+                    ", ".join(absent), install_hint("arena"))
+    return not absent
+
+
 async def follow_leaderboard(bus, args, stop: asyncio.Event) -> None:
     """The arena's Leaderboard tab reads the snapshots of one follower per fabric: this one."""
     import importlib
@@ -102,11 +114,11 @@ async def follow_leaderboard(bus, args, stop: asyncio.Event) -> None:
     await follow(bus, FollowOptions(snapshot_interval=args.snapshot_interval), stop)
 
 
-def arena_config_from_args(args, gw_config) -> arena_ui.ArenaConfig:
+def arena_config_from_args(args, gw_config) -> arena_settings.ArenaConfig:
     """The arena of `up` talks to this process's gateway, with its first API key if it has any."""
     gateway_url = f"http://{_shown(gw_config.host)}:{gw_config.port}/v1"
     key = next(iter(gw_config.api_keys), None) if gw_config.api_keys else None
-    return arena_ui.ui_config(args, host=args.arena_host, port=args.arena_port, gateway_url=gateway_url, api_key=key)
+    return arena_settings.ui_config(args, host=args.arena_host, port=args.arena_port, gateway_url=gateway_url, api_key=key)
 
 
 def _shown(host: str) -> str:

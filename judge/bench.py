@@ -1,18 +1,19 @@
 """A benchmark is data: questions in FastChat's `question.jsonl` shape, reference answers in its
 `reference_answer/*.jsonl` shape, and the judge prompts of `judge_prompts.jsonl`.
 
-`load_bench(name)` reads a named set from the shared data folder (`$CHATFABRIC_SHARED_DATA`,
-else `../shared/data` beside the repository); `parse_questions(text)` reads any question file, so
-another question set needs no code (`--bench-file`). A question's own `reference` turns are used
-when no reference file names it.
+`load_bench(name)` reads a set that ships inside this package (`judge/data/<name>/`: MT-bench and
+FastChat's judge prompts, read with `importlib.resources`, so an installed judge needs no data
+folder); `parse_questions(text)` reads any question file, so another question set needs no code
+(`--bench-file`), and `parse_prompts` any judge prompt file (`--prompts-file`). A question's own
+`reference` turns are used when no reference file names it.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
+from importlib import resources
+from importlib.resources.abc import Traversable
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -92,8 +93,13 @@ class Bench:
                      self.references, self.prompts)
 
 
-def shared_data_dir() -> Path:
-    return Path(os.environ.get("CHATFABRIC_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+def packaged_data() -> Traversable:
+    """The judge's own data folder inside the installed package."""
+    return resources.files(__package__) / "data"
+
+
+def packaged_benches() -> list[str]:
+    return sorted(entry.name for entry in packaged_data().iterdir() if (entry / "question.jsonl").is_file())
 
 
 def _lines(text: str, where: str):
@@ -147,26 +153,26 @@ def parse_prompts(text: str, where: str = "judge prompts") -> dict[str, JudgePro
 
 
 def default_prompts() -> dict[str, JudgePrompt]:
-    path = shared_data_dir() / "mt_bench" / "judge_prompts.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: set CHATFABRIC_SHARED_DATA to the shared data folder")
-    return parse_prompts(path.read_text(), str(path))
+    """FastChat's eight MT-bench judge prompts, as packaged."""
+    path = packaged_data() / "mt_bench" / "judge_prompts.jsonl"
+    return parse_prompts(path.read_text(encoding="utf-8"), "judge_prompts.jsonl (packaged)")
+
+
+def packaged_bench_text(name: str) -> tuple[str, str | None]:
+    """A packaged question set's files: `<name>/question.jsonl` and, when present, the references
+    of `<name>/reference_answer/gpt-4.jsonl`."""
+    if name not in packaged_benches():
+        raise BenchError(f"no packaged bench called {name!r} (packaged: {', '.join(packaged_benches())}); "
+                         "give a question file with --bench-file")
+    folder = packaged_data() / name
+    ref = folder / "reference_answer" / "gpt-4.jsonl"
+    return (folder / "question.jsonl").read_text(encoding="utf-8"), (ref.read_text(encoding="utf-8") if ref.is_file() else None)
 
 
 def load_bench(name: str) -> Bench:
-    """A named question set from the shared data folder: `<name>/question.jsonl`, with the
-    references of `<name>/reference_answer/gpt-4.jsonl` when present."""
-    folder = shared_data_dir() / name
-    path = folder / "question.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: no bench called {name!r} "
-                                f"(set CHATFABRIC_SHARED_DATA, or give a question file)")
-    return bench_from_text(name, path.read_text(), str(path), _reference_text(folder))
-
-
-def _reference_text(folder: Path) -> str | None:
-    ref = folder / "reference_answer" / "gpt-4.jsonl"
-    return ref.read_text() if ref.is_file() else None
+    """A packaged question set with its references and FastChat's judge prompts."""
+    questions, references = packaged_bench_text(name)
+    return bench_from_text(name, questions, f"{name}/question.jsonl", references)
 
 
 def bench_from_text(name: str, questions: str, where: str = "questions", references: str | None = None,
@@ -175,15 +181,29 @@ def bench_from_text(name: str, questions: str, where: str = "questions", referen
     return Bench(name, parse_questions(questions, where), refs, prompts if prompts is not None else default_prompts())
 
 
-def bench_file_payload(questions: str, references: str | None) -> bytes:
-    """What `--bench-file` stores as an artifact: the question file and its references."""
-    return json.dumps({"questions": questions, "references": references}).encode()
+def bench_file_payload(questions: str, references: str | None, prompts: str | None = None) -> bytes:
+    """What `--bench-file` / `--prompts-file` send with a job (and the service stores as an
+    artifact): the question file, its references and, when replaced, the judge prompts."""
+    return json.dumps({"questions": questions, "references": references, "prompts": prompts}).encode()
 
 
 def bench_from_payload(name: str, payload: bytes) -> Bench:
     try:
         data = json.loads(payload)
-        questions, references = data["questions"], data.get("references")
-    except (ValueError, KeyError, TypeError):
+        questions, references, prompts = data["questions"], data.get("references"), data.get("prompts")
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise BenchError("the bench file artifact is not a question file payload") from None
-    return bench_from_text(name, questions, f"{name} (bench file)", references)
+    return bench_from_text(name, questions, f"{name} (bench file)", references,
+                           with_prompts_file(prompts, f"{name} (prompts file)") if prompts else None)
+
+
+def with_prompts_file(text: str, where: str = "prompts file") -> dict[str, JudgePrompt]:
+    """The packaged prompts with those of a prompts file (FastChat's judge_prompts.jsonl shape)
+    put in their place by name; a name the judge never uses is an error, not silently ignored."""
+    packaged = default_prompts()
+    replaced = parse_prompts(text, where)
+    unknown = sorted(set(replaced) - set(packaged))
+    if unknown:
+        raise BenchError(f"{where}: no judge prompt is called {', '.join(map(repr, unknown))} "
+                         f"(the names: {', '.join(sorted(packaged))})")
+    return {**packaged, **replaced}

@@ -21,7 +21,7 @@ from ..proto.jobs import until_stopped
 from ..proto.replay import replay
 from ..proto.subjects import job_events
 from .agreement import agreement_table, human_verdicts, judge_verdicts, match_question
-from .bench import Bench, bench_file_payload, bench_from_payload, load_bench
+from .bench import Bench, bench_file_payload, bench_from_payload, load_bench, packaged_bench_text
 from .pipeline import Endpoints, Judging, check_references, collect, first_error, jsonl, summary_of
 from .report import write_report
 from .results import format_summary, pair_rows, read_judgment_files, summarize, text_table
@@ -40,9 +40,12 @@ def add_args(parser: argparse.ArgumentParser, common=None) -> None:
     sub = parser.add_subparsers(dest="judge_command", required=True, metavar="SUBCOMMAND")
     run = sub.add_parser("run", help="judge models on a question set (as a job, or --local)",
                          description="Generate answers through the gateway, judge them, show the tables.")
-    run.add_argument("--bench", default="mt_bench", help="a question set of the shared data folder (default: %(default)s)")
+    run.add_argument("--bench", default="mt_bench", help="a packaged question set (default: %(default)s)")
     run.add_argument("--bench-file", type=Path, help="a question file in FastChat's format instead of --bench")
     run.add_argument("--reference-file", type=Path, help="reference answers for --bench-file (FastChat's answer format)")
+    run.add_argument("--prompts-file", type=Path,
+                     help="judge prompts in FastChat's judge_prompts.jsonl shape, each replacing the packaged prompt "
+                     "of its name")
     run.add_argument("--questions", help="only these question ids, comma-separated")
     run.add_argument("--models", required=True, help="comma-separated models to judge")
     run.add_argument("--judge-model", required=True)
@@ -123,12 +126,17 @@ async def run_service(args, stop: asyncio.Event) -> None:
 
 
 def _bench_of(args) -> tuple[Bench, str | None]:
-    """The bench, and the question file payload to send inline (None: a named bench)."""
-    if args.bench_file is None:
+    """The bench, and the payload to send inline (None: a packaged bench, unchanged)."""
+    if args.bench_file is None and args.prompts_file is None:
         return load_bench(args.bench), None
-    refs = args.reference_file.read_text() if args.reference_file else None
-    payload = bench_file_payload(args.bench_file.read_text(), refs)
-    name = re.sub(r"[^A-Za-z0-9_-]", "_", args.bench_file.stem)[:64] or "bench"
+    if args.bench_file is None:
+        (questions, refs), name = packaged_bench_text(args.bench), args.bench
+    else:
+        questions = args.bench_file.read_text(encoding="utf-8")
+        refs = args.reference_file.read_text(encoding="utf-8") if args.reference_file else None
+        name = re.sub(r"[^A-Za-z0-9_-]", "_", args.bench_file.stem)[:64] or "bench"
+    prompts = args.prompts_file.read_text(encoding="utf-8") if args.prompts_file else None
+    payload = bench_file_payload(questions, refs, prompts)
     return bench_from_payload(name, payload), payload.decode()
 
 

@@ -115,7 +115,7 @@ class Feedback(Event):
 class JudgeJob(Event):
     """Judge `models`' answers to a benchmark's questions with `judge_model` (`judge/`).
 
-    The questions are the named `bench` (a folder of the shared data) or, when `bench_data` or
+    The questions are the named `bench` (a set packaged with the judge) or, when `bench_data` or
     `bench_file` is set, that question file (FastChat's question.jsonl shape, references
     optional; `judge.bench.bench_file_payload`). A judge service
     fans a job out into parts, one per question: the same job with `part_of` naming it and

@@ -1,7 +1,8 @@
 """The arena in a real browser: `chatfabric up` serving the real SmolLM2 under two names, headless
 Chromium (Debian's `chromium`, driven by Playwright) playing one anonymous battle. The names
 must stay hidden until the vote and show after it, the vote must be in `ARENA` with the winner
-clicked, and the Leaderboard tab must list both models. The screenshots in docs/ come from here.
+clicked, and the Leaderboard tab must list both models. Its screenshots go to a temporary folder;
+`make screenshots` runs it with CHATFABRIC_SCREENSHOTS=docs to regenerate the pictures in docs/.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from chatfabric.proto.events import Vote
 from chatfabric.proto.replay import replay
 from conftest import Proc, wait_for
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
 CHROMIUM = os.environ.get("CHATFABRIC_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 ANSWER_TIMEOUT_MS = 240_000  # two answers of the real model on a busy 2-core machine
 
@@ -79,7 +79,15 @@ async def votes(nats_url: str) -> list[Vote]:
         return [item.message async for item in replay(bus, Vote)]
 
 
-def test_an_anonymous_battle_in_the_browser(page, arena):
+@pytest.fixture
+def screenshots(tmp_path) -> Path:
+    """Where the screenshots go: a temporary folder, or $CHATFABRIC_SCREENSHOTS (`make screenshots`)."""
+    folder = Path(os.environ.get("CHATFABRIC_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def test_an_anonymous_battle_in_the_browser(page, arena, screenshots):
     expect = playwright.expect
     page.locator("#battle-input textarea").fill("Name one colour of the sky.")
     page.locator("#battle-send").click()
@@ -87,7 +95,8 @@ def test_an_anonymous_battle_in_the_browser(page, arena):
     before = battle_text(page)
     assert "smol-a" not in before and "smol-b" not in before, before
     assert "hidden until you vote" in before
-    page.screenshot(path=str(DOCS / "arena-battle.png"))
+    page.screenshot(path=str(screenshots / "arena-battle.png"))
+    assert (screenshots / "arena-battle.png").stat().st_size > 0
 
     page.locator("#battle-vote-1").click()  # B is better
     expect(page.locator("#battle-status")).to_contain_text("is recorded", timeout=30_000)
@@ -107,4 +116,4 @@ def test_an_anonymous_battle_in_the_browser(page, arena):
     expect(table).to_contain_text("smol-b")
     expect(page.locator("#leaderboard-status")).to_contain_text("1 anonymous battle,")
     expect(page.locator("#leaderboard-status")).to_contain_text("latest vote counted cast at")
-    page.screenshot(path=str(DOCS / "arena-leaderboard.png"), full_page=True)
+    page.screenshot(path=str(screenshots / "arena-leaderboard.png"), full_page=True)

@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chatfabric.arena import ui
-from chatfabric.arena.client import Gateway, Sampling, describe, draw_pair
-from chatfabric.arena.session import Limits, LimitReached, RateLimiter, Round, Side, Turn, client_id
+from chatfabric.arena.client import Gateway, describe, draw_pair
+from chatfabric.arena.session import Sampling, Limits, LimitReached, RateLimiter, Round, Side, Turn, client_id
 from chatfabric.gateway.app import GatewayConfig, create_app
 from chatfabric.proto.bus import connect
 from chatfabric.proto.embedded import EmbeddedServer, free_port

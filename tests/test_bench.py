@@ -4,7 +4,6 @@ real run against the stack and a synthetic worker."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -13,15 +12,9 @@ import pytest
 from chatfabric.bench.metrics import RequestResult, distribution, percentile, summarize
 from chatfabric.bench.prompts import sharegpt, synthetic
 from conftest import CHATFABRIC, MODEL
+from shared_data import SHAREGPT_FILE, shared_file
 
-# The shared data lives beside the repository (../shared/data); CHATFABRIC_SHARED_DATA overrides.
-SHARED_DATA = Path(os.environ.get("CHATFABRIC_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
-SHAREGPT = SHARED_DATA / "sharegpt" / "dummy_conversation.json"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _shared_data_present():
-    assert SHAREGPT.is_file(), f"{SHAREGPT} is missing: set CHATFABRIC_SHARED_DATA to the shared data folder"
+SHAREGPT = shared_file(SHAREGPT_FILE)
 
 
 def test_percentile_hand_computed():

@@ -12,8 +12,8 @@ import random
 import subprocess
 
 from chatfabric.arena import ui
-from chatfabric.arena.client import Gateway, Sampling, draw_pair
-from chatfabric.arena.session import Limits
+from chatfabric.arena.client import Gateway, draw_pair
+from chatfabric.arena.session import Sampling, Limits
 from chatfabric.proto.bus import BusConfig, connect
 from chatfabric.proto.events import ConversationLog, ModelPublished, Vote
 from chatfabric.proto.messages import ChatMessage

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import subprocess
 import sys
@@ -17,22 +16,24 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from chatfabric.deploy.cli import build_parser
 from chatfabric.judge import results
-from chatfabric.judge.bench import BenchError, Question, load_bench, parse_questions, shared_data_dir
+from chatfabric.judge.bench import BenchError, Question, load_bench, packaged_data, parse_questions
 from chatfabric.judge.cli import run_job
 from chatfabric.judge.scoring import combine_games, game_winner, parse_rating, parse_verdict, prompt_name
 from chatfabric.judge.store import token
 from chatfabric.proto.events import JudgeJob
 from chatfabric.proto.messages import MessageError, decode, encode
 from judge_fake import FakeOpenAI, dump
+from shared_data import shared_file
 
 CHATFABRIC = str(Path(sys.executable).parent / "chatfabric")
 WRITING, MATH, REASONING = 81, 111, 101  # MT-bench questions of three categories, two turns each
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _shared_data():
-    assert (shared_data_dir() / "mt_bench" / "question.jsonl").is_file(), \
-        "set CHATFABRIC_SHARED_DATA to the shared data folder"
+@pytest.mark.parametrize("name", ["mt_bench/question.jsonl", "mt_bench/judge_prompts.jsonl",
+                                  "mt_bench/reference_answer/gpt-4.jsonl", "LICENSE-FastChat-Apache-2.0"])
+def test_packaged_data_is_fastchats_unmodified(name):
+    """The judge ships MT-bench inside the package; it is FastChat's, byte for byte."""
+    assert (packaged_data() / name).read_bytes() == shared_file(name).read_bytes()
 
 
 # -- verdicts -------------------------------------------------------------------------------------

@@ -17,8 +17,9 @@ from chatfabric.proto.bus import BusConfig, connect
 from chatfabric.proto import subjects
 from chatfabric.proto.events import JobCancel, JobProgress, JobResult, ModelPublished, TrainJob
 from chatfabric.proto.subjects import job_events
+from shared_data import SHAREGPT_FILE, shared_file
 
-SHAREGPT = "/work/shared/data/sharegpt/dummy_conversation.json"
+SHAREGPT = str(shared_file(SHAREGPT_FILE))
 
 
 def ensure_contract(url):

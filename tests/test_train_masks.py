@@ -12,8 +12,9 @@ from chatfabric.proto.messages import ChatMessage
 from chatfabric.proto.templates import TEMPLATES, PromptBuilder
 from chatfabric.trainer.data import DataError, load_conversations
 from chatfabric.trainer.masks import IGNORE, Sample, Skip, render_with_mask, trained_text
+from shared_data import SHAREGPT_FILE, shared_file
 
-SHAREGPT = "/work/shared/data/sharegpt/dummy_conversation.json"
+SHAREGPT = str(shared_file(SHAREGPT_FILE))
 
 
 def m(role, content):

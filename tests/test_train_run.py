@@ -17,8 +17,9 @@ from chatfabric.trainer.pairs import arena_pairs
 from chatfabric.trainer.progress import Hooks, Stopped
 from chatfabric.trainer.settings import TrainSettings
 from chatfabric.trainer.sft import RunSpec, check_device, run_sft
+from shared_data import SHAREGPT_FILE, shared_file
 
-SHAREGPT = "/work/shared/data/sharegpt/dummy_conversation.json"
+SHAREGPT = str(shared_file(SHAREGPT_FILE))
 
 
 def tiny_data(path, n=2):

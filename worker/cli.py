@@ -109,7 +109,6 @@ def models_from_args(args) -> list[argparse.Namespace]:
 async def load(args):
     """Load the model (off the event loop) and return (backend, prompts, config)."""
     from ..proto.default_model import DEFAULT_MODEL_NAME, ensure_default_model
-    from .hf import HFBackend
     from .prompting import PromptBuilder
     from .service import WorkerConfig
 
@@ -158,6 +157,8 @@ async def load(args):
         tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(path))
         backend = SyntheticBackend(tokenizer, token_delay=args.synthetic_delay)
     else:
+        from .hf import HFBackend
+
         backend = await asyncio.to_thread(
             HFBackend.load, path, args.device, args.dtype,
             max_batch=args.max_concurrency, kv_cache_tokens=args.kv_cache_tokens, prefill_chunk=args.prefill_chunk,
