@@ -195,7 +195,7 @@ async def _snapshot(bus: Bus, tally: Tally, online_elo: dict[str, float], option
         source=subjects.ARENA_STREAM, online_elo=online_elo,
     )
     data = results.model_dump_json().encode()
-    await bus.put_artifact(SNAPSHOT, data, description=f"leaderboard of {results.battles} battles")
+    await bus.put_artifact(subjects.LEADERBOARD_BUCKET, SNAPSHOT, data, description=f"leaderboard of {results.battles} battles")
     if options.output is not None:
         await asyncio.to_thread(options.output.write_bytes, data)
     log.info("leaderboard: snapshot of %d battles (up to sequence %s) published", results.battles, last_seq)
@@ -204,7 +204,7 @@ async def _snapshot(bus: Bus, tally: Tally, online_elo: dict[str, float], option
 async def latest_snapshot(bus: Bus) -> Results | None:
     """The follower's latest published leaderboard, or None when none was published yet."""
     try:
-        data = await bus.read_artifact(SNAPSHOT)
+        data = await bus.read_artifact(subjects.LEADERBOARD_BUCKET, SNAPSHOT)
     except contract.ContractMissing:
         return None
     return None if data is None else Results.model_validate_json(data)

@@ -25,7 +25,7 @@ from ..proto import tracing
 from ..proto.bus import Bus
 from ..proto.events import ArtifactRef, JobCancel, JobProgress, JobResult, JudgeJob
 from ..proto.jobs import Interrupt, Job, JobKind, JobRunner, Refuse, RunnerConfig
-from ..proto.subjects import job_cancel_subject
+from ..proto.subjects import JUDGE_BUCKET, job_cancel_subject
 from . import store as keys
 from .bench import Bench, bench_from_payload, load_bench
 from .pipeline import Endpoints, Judging, check_references, collect, jsonl, summary_of
@@ -152,15 +152,15 @@ class JudgeService:
         summary = summary_of(body, bench, judgments)
         contents = {"summary": json.dumps(summary, indent=1, ensure_ascii=False).encode(),
                     "judgments": jsonl(judgments), "answers": jsonl(answers)}
-        refs = [await self.bus.put_artifact(store.name(keys.RESULT_KEYS[k]), data) for k, data in contents.items()]
+        refs = [await self.bus.put_artifact(JUDGE_BUCKET, store.name(keys.RESULT_KEYS[k]), data) for k, data in contents.items()]
         await self._publish_result(body, refs, summary)
         log.info("judge job %s finished: %d judgments", body.job_name, len(judgments))
 
     async def _republish_finished(self, body: JudgeJob, store: BusStore) -> bool:
-        stored = {k: await self.bus.read_artifact(store.name(name)) for k, name in keys.RESULT_KEYS.items()}
+        stored = {k: await self.bus.read_artifact(JUDGE_BUCKET, store.name(name)) for k, name in keys.RESULT_KEYS.items()}
         if any(data is None for data in stored.values()):
             return False
-        refs = [ArtifactRef(name=store.name(keys.RESULT_KEYS[k]), digest=f"sha256:{hashlib.sha256(d).hexdigest()}",
+        refs = [ArtifactRef(bucket=JUDGE_BUCKET, name=store.name(keys.RESULT_KEYS[k]), digest=f"sha256:{hashlib.sha256(d).hexdigest()}",
                             size=len(d)) for k, d in stored.items()]
         log.info("judge job %s is finished already: its result is published again", body.job_name)
         await self._publish_result(body, refs, json.loads(stored["summary"]))
@@ -179,7 +179,7 @@ class JudgeService:
         await self.bus.publish_event(JobResult(job_id=body.job_name, kind="judge", ok=False, error=error[:4000]))
 
     async def on_dropped(self, job: Job[JudgeJob]) -> None:
-        await self._publish_cancelled(job.body, f"job {job.state.value} before it ran")
+        await self._publish_cancelled(job.body, job.cancel_reason or f"job {job.state.value} before it ran")
 
     @staticmethod
     def cancels(job: Job[JudgeJob], cancel: JobCancel) -> bool:
@@ -211,7 +211,8 @@ class JudgeService:
     async def _bench_ref(self, body: JudgeJob) -> ArtifactRef | None:
         if body.bench_data is None:
             return body.bench_file
-        return await self.bus.put_artifact(f"{keys.PREFIX}/{body.job_name}/bench-{body.id}.json", body.bench_data.encode())
+        return await self.bus.put_artifact(JUDGE_BUCKET, f"{keys.PREFIX}/{body.job_name}/bench-{body.id}.json",
+                                          body.bench_data.encode())
 
     def _limiter(self, body: JudgeJob) -> asyncio.Semaphore:
         return self._limiters.setdefault(body.job_name, asyncio.Semaphore(body.parallel))

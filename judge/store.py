@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..proto.bus import Bus
-from ..proto.subjects import model_token
+from ..proto.subjects import JUDGE_BUCKET, model_token
 
 PREFIX = "judge"
 
@@ -54,7 +54,7 @@ def _encode(record: dict) -> bytes:
 
 
 class BusStore:
-    """Records as objects of the artifacts store, under `judge/<job name>/`."""
+    """Records as objects of the judge's object store, under `judge/<job name>/`."""
 
     def __init__(self, bus: Bus, job_name: str):
         self.bus = bus
@@ -64,14 +64,14 @@ class BusStore:
         return self.prefix + key
 
     async def get(self, key: str) -> dict | None:
-        data = await self.bus.read_artifact(self.name(key))
+        data = await self.bus.read_artifact(JUDGE_BUCKET, self.name(key))
         return None if data is None else json.loads(data)
 
     async def put(self, key: str, record: dict) -> None:
-        await self.bus.put_artifact(self.name(key), _encode(record))
+        await self.bus.put_artifact(JUDGE_BUCKET, self.name(key), _encode(record))
 
     async def exists(self, key: str) -> bool:
-        return await self.bus.has_artifact(self.name(key))
+        return await self.bus.has_artifact(JUDGE_BUCKET, self.name(key))
 
 
 class DirStore:

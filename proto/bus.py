@@ -159,7 +159,7 @@ class Bus:
         self.config = config
         self.contract = contract.build_contract(config)
         self.registry: KeyValue | None = None
-        self._artifacts: ObjectStore | None = None
+        self._stores: dict[str, ObjectStore] = {}  # object stores bound so far, by bucket
         self.reconnects = 0  # how many times the connection came back after a loss
         self._on_reconnect: list[Callable[[], Awaitable[None]]] = []
 
@@ -304,27 +304,30 @@ class Bus:
         except nats.errors.ConnectionClosedError:
             raise EventNotStored(f"{type(event).__name__} {event.id}: the connection is closed") from None
 
-    async def _artifact_store(self) -> ObjectStore:
-        if self._artifacts is None:
+    async def _object_store(self, bucket: str) -> ObjectStore:
+        """One of the contract's object stores (`subjects.ARTIFACT_BUCKETS`), bound on first use."""
+        if bucket not in subjects.ARTIFACT_BUCKETS:
+            raise ValueError(f"no object store called {bucket!r} (the fabric's: {', '.join(subjects.ARTIFACT_BUCKETS)})")
+        if bucket not in self._stores:
             try:
-                self._artifacts = await self.js.object_store(subjects.ARTIFACTS_BUCKET)
+                self._stores[bucket] = await self.js.object_store(bucket)
             except BucketNotFoundError:
                 raise contract.ContractMissing(
-                    f"the '{subjects.ARTIFACTS_BUCKET}' object store does not exist: a gateway creates it") from None
-        return self._artifacts
+                    f"the '{bucket}' object store does not exist: a gateway creates it") from None
+        return self._stores[bucket]
 
-    async def put_artifact(self, name: str, data: bytes, description: str | None = None) -> ArtifactRef:
-        """Store `data` as `name` in the artifacts object store (replacing an older version) and
-        return a reference that pins this content by its sha256."""
-        store = await self._artifact_store()
+    async def put_artifact(self, bucket: str, name: str, data: bytes, description: str | None = None) -> ArtifactRef:
+        """Store `data` as `name` in `bucket` (replacing an older version) and return a reference
+        that pins this content by its sha256. A role writes only the bucket it owns."""
+        store = await self._object_store(bucket)
         digest = hashlib.sha256(data).hexdigest()
         await store.put(name, data, meta=api.ObjectMeta(name=name, description=description))
-        return ArtifactRef(bucket=subjects.ARTIFACTS_BUCKET, name=name, digest=f"sha256:{digest}", size=len(data))
+        return ArtifactRef(bucket=bucket, name=name, digest=f"sha256:{digest}", size=len(data))
 
     async def get_artifact(self, ref: ArtifactRef) -> bytes:
         """The content `ref` points at; `ArtifactMismatch` when the stored object is not it (it
         was replaced since, or damaged)."""
-        data = await self._read_object(ref.name)
+        data = await self._read_object(ref.bucket, ref.name)
         if data is None:
             raise ArtifactMismatch(f"artifact {ref.name!r} is not in '{ref.bucket}'")
         found = f"sha256:{hashlib.sha256(data).hexdigest()}"
@@ -333,17 +336,17 @@ class Bus:
                                    f"{ref.digest} ({ref.size} bytes) wanted, {found} ({len(data)} bytes) stored")
         return data
 
-    async def read_artifact(self, name: str) -> bytes | None:
-        """The current content stored as `name`, or None when there is none (unpinned: for
-        records a process keeps and finds again by name, such as a judge's answers)."""
-        return await self._read_object(name)
+    async def read_artifact(self, bucket: str, name: str) -> bytes | None:
+        """The current content stored as `name` in `bucket`, or None when there is none
+        (unpinned: for records a process keeps and finds again by name, such as a judge's answers)."""
+        return await self._read_object(bucket, name)
 
-    async def _read_object(self, name: str) -> bytes | None:
+    async def _read_object(self, bucket: str, name: str) -> bytes | None:
         """Read `name` chunk by chunk, waiting at most `_CHUNK_WAIT` for each. nats-py's own
         `ObjectStore.get` waits forever, and keeps its subscription, when the object is replaced
         while it is read (the new version's `put` purges the old chunks): here such a read starts
         over on the new version."""
-        store = await self._artifact_store()
+        store = await self._object_store(bucket)
         nuid = None
         for _ in range(_OBJECT_READ_ATTEMPTS):
             try:
@@ -384,9 +387,9 @@ class Bus:
             raise ArtifactMismatch(f"artifact {info.name!r} is damaged: its chunks do not match its digest")
         return b"".join(parts)
 
-    async def has_artifact(self, name: str) -> bool:
-        """Whether an object called `name` is stored (one lookup, its content not read)."""
-        store = await self._artifact_store()
+    async def has_artifact(self, bucket: str, name: str) -> bool:
+        """Whether an object called `name` is stored in `bucket` (one lookup, its content not read)."""
+        store = await self._object_store(bucket)
         try:
             await store.get_info(name)
             return True

@@ -1,7 +1,7 @@
 """Every JetStream object of the fabric, declared once as data, and how one is brought in line.
 
 `build_contract(config)` declares the streams (`GEN`, `ARENA`, `JOBS`, `EVENTS`), the `workers`
-KV bucket and the `artifacts` object store from a `BusConfig`; `gen_consumer` and `job_consumer`
+KV bucket and one object store per writer (`subjects.ARTIFACT_BUCKETS`) from a `BusConfig`; `gen_consumer` and `job_consumer`
 declare the durable pull consumers. `ensure(js, spec)` creates an object that is missing and
 reconciles one that exists: a setting JetStream can change in place is updated (and logged), any
 other difference is refused with a `ContractMismatch` that names the setting and both values.
@@ -209,10 +209,10 @@ class Contract:
     arena: StreamSpec
     jobs: StreamSpec
     events: StreamSpec
-    artifacts: ObjectStoreSpec
+    artifacts: tuple[ObjectStoreSpec, ...]
 
     def specs(self) -> tuple[StoreSpec, ...]:
-        return (self.gen, self.registry, self.arena, self.jobs, self.events, self.artifacts)
+        return (self.gen, self.registry, self.arena, self.jobs, self.events, *self.artifacts)
 
 
 _EVERY_STREAM = (("num_replicas", "replicas"), ("duplicate_window", "duplicate_window"))
@@ -247,8 +247,8 @@ def build_contract(config: "BusConfig") -> Contract:
             subjects.EVENTS_STREAM, (f"{subjects.EVENTS_PREFIX}.>",), api.RetentionPolicy.LIMITS, **stream,
             max_age=config.events_max_age, sources=(("max_age", "events_max_age"), *_EVERY_STREAM),
         ),
-        artifacts=ObjectStoreSpec(subjects.ARTIFACTS_BUCKET, replicas=config.replicas,
-                                  sources=(("num_replicas", "replicas"),)),
+        artifacts=tuple(ObjectStoreSpec(bucket, replicas=config.replicas, sources=(("num_replicas", "replicas"),))
+                        for bucket in subjects.ARTIFACT_BUCKETS),
     )
 
 

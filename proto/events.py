@@ -17,7 +17,7 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .messages import ChatMessage, ModelName, SamplingParams, Text, _Message
-from .subjects import (ARENA_STREAM, ARTIFACTS_BUCKET, CONVERSATION_PREFIX, EVENTS_PREFIX, EVENTS_STREAM,
+from .subjects import (ARENA_STREAM, ARTIFACT_BUCKETS, CONVERSATION_PREFIX, EVENTS_PREFIX, EVENTS_STREAM,
                        FEEDBACK_PREFIX, JOBS_STREAM, JUDGE_JOBS, TRAIN_JOBS, VOTE_PREFIX, conversation_subject,
                        feedback_subject, job_cancel_subject, model_token, progress_subject, result_subject,
                        vote_subject)
@@ -43,7 +43,7 @@ class ArtifactRef(BaseModel):
     """An object in a JetStream object store, pinned by the sha256 of its content."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
-    bucket: str = ARTIFACTS_BUCKET
+    bucket: Literal[ARTIFACT_BUCKETS]  # the writer's own object store (`subjects.ARTIFACT_BUCKETS`)
     name: str = Field(min_length=1, max_length=1024)
     digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
     size: int = Field(ge=0)

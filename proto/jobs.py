@@ -17,7 +17,7 @@ A job's life (`JobState`), and what JetStream is told:
       |  --(handler raises HandBack)----------------> HANDED_BACK  nak, after its delay
       |  --(drain)----------------------------------> HANDED_BACK  nak: another runner takes it now
       |  --(handler raises Refuse)------------------> REFUSED      term
-      |  --(cancel)---------------------------------> CANCELLED    term
+      |  --(cancel)---------------------------------> CANCELLED    term at once, whatever the handler does
       |  --(handler raises anything else)-----------> FAILED       term, `on_failed`
       |
       | await job.start()                                          ack
@@ -55,6 +55,11 @@ The rules for a handler that raises, chosen so that no job is lost silently:
 
 Handlers must let `asyncio.CancelledError` propagate; `job.interrupt` says why they were
 cancelled (`Interrupt.CANCEL`, `SHUTDOWN` or `ABANDON`), for whatever they tell their requester.
+An interrupted handler that is still running at the next keep-alive tick is cancelled again (a
+cancel can be lost inside a library: Python 3.11's `wait_for` swallows one that lands as its
+awaitable finishes), and an interrupted job can no longer `start()`. A cancel that a runner
+heard (`serve`) is remembered for `cancel_memory` seconds, and a job it names that is pulled
+later (a judge job's parts) is dropped unrun.
 
 Use a runner as a context manager: `async with runner: await runner.pull(stop)`. Leaving the
 block drains it (`drain()`: unstarted jobs handed back, started ones given `shutdown_grace`
@@ -168,7 +173,8 @@ class Job(Generic[B]):
     deadline: float | None = None
     state: JobState = JobState.RECEIVED
     interrupt: Interrupt | None = None
-    cancel_reason: str = ""  # what `JobRunner.cancel` was told, when `interrupt` is CANCEL
+    cancel_reason: str = ""  # the cancel's reason, when `interrupt` is CANCEL or it was dropped CANCELLED
+    settled: bool = False  # JetStream was told already (a cancelled job is terminated at once)
     error: BaseException | None = None  # why it FAILED
     task: asyncio.Task | None = field(default=None, repr=False)
 
@@ -194,7 +200,10 @@ class Job(Generic[B]):
         return self.deadline is not None and time.time() > self.deadline
 
     async def start(self) -> None:
-        """The job is this runner's now: ack it, so JetStream never delivers it again."""
+        """The job is this runner's now: ack it, so JetStream never delivers it again. An
+        interrupted job cannot start: its cancel is raised here (again, if it was lost)."""
+        if self.interrupt is not None and self.state is JobState.WAITING:
+            raise asyncio.CancelledError(f"{self.id} was interrupted ({self.interrupt.value})")
         if self.state is JobState.WAITING:
             self.state = JobState.STARTED
             await self.msg.ack()
@@ -235,11 +244,14 @@ class JobRunner(Generic[B]):
         self._on_failed = on_failed
         self._on_active_change = on_active_change or (lambda: None)
         self._jobs: dict[str, Job[B]] = {}  # running, by job id
-        self._cancelled: dict[str, float] = {}  # job id -> when its cancel came, for jobs not yet pulled
+        self._cancelled: _Recent[str] = _Recent(config.cancel_memory)  # jobs cancelled before they were pulled: reasons
+        self._heard: _Recent[JobCancel] = _Recent(config.cancel_memory)  # the cancels `serve` heard
+        self._cancels_job: Callable[[Job[B], JobCancel], bool] = lambda job, cancel: False
         self._room_freed = asyncio.Event()
         self._held = False  # a job was handed back with hold_pulls and others still run
         self._draining = False
         self._keep_alive: asyncio.Task | None = None
+        self._settling: set[asyncio.Task] = set()  # terms sent at a cancel, held until sent
 
     @property
     def active(self) -> int:
@@ -259,7 +271,8 @@ class JobRunner(Generic[B]):
                     cancels_job: Callable[[Job[B], JobCancel], bool]) -> None:
         """Take jobs until `stop`, then drain. Meanwhile cancel the running jobs that a request
         from `cancels` (a `JobCancel` queue, see `Bus.follow_job_events`) names:
-        `cancels_job(job, cancel)`."""
+        `cancels_job(job, cancel)`, and drop the jobs it names that are pulled later."""
+        self._cancels_job = cancels_job
         watcher = asyncio.create_task(self._cancel_when_asked(cancels, cancels_job), name=f"{self.kind.name}-cancels")
         try:
             async with self:
@@ -270,9 +283,15 @@ class JobRunner(Generic[B]):
     async def _cancel_when_asked(self, cancels: asyncio.Queue, cancels_job: Callable[[Job[B], JobCancel], bool]) -> None:
         while True:
             cancel = await cancels.get()
+            if not isinstance(cancel, JobCancel):
+                continue
+            self._heard.add(cancel.id, cancel)
             for job in self.jobs():
-                if isinstance(cancel, JobCancel) and cancels_job(job, cancel):
+                if cancels_job(job, cancel):
                     self.cancel(job.id, cancel.reason)
+
+    def _cancel_heard(self, job: Job[B]) -> JobCancel | None:
+        return next((cancel for cancel in self._heard.values() if self._cancels_job(job, cancel)), None)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -331,11 +350,7 @@ class JobRunner(Generic[B]):
                 job.cancel_reason = reason
             self._interrupt(job, Interrupt.CANCEL)
             return
-        now = time.monotonic()
-        self._cancelled[job_id] = now
-        # insertion order is arrival order: the oldest are first
-        while now - next(iter(self._cancelled.values())) > self.config.cancel_memory:
-            del self._cancelled[next(iter(self._cancelled))]
+        self._cancelled.add(job_id, reason)
 
     # -- one delivery ----------------------------------------------------------------------
 
@@ -360,7 +375,11 @@ class JobRunner(Generic[B]):
             return
         if job.id in self._jobs:
             return  # a redelivery of a job running here: the running delivery settles it
-        if self._cancelled.pop(job.id, None) is not None:
+        reason = self._cancelled.pop(job.id)
+        if reason is None and (heard := self._cancel_heard(job)) is not None:
+            reason = heard.reason
+        if reason is not None:
+            job.cancel_reason = reason
             await self._drop(job, JobState.CANCELLED)
         elif job.expired():
             await self._drop(job, JobState.EXPIRED)
@@ -406,7 +425,8 @@ class JobRunner(Generic[B]):
         if state is JobState.HANDED_BACK and isinstance(raised, HandBack):
             self._held = self._held or (raised.hold_pulls and self.active > 1)
         job.state = state
-        if action is not None:
+        if action is not None and not job.settled:
+            job.settled = True
             await _settle(job.msg, action, delay=raised.delay if isinstance(raised, HandBack) else None)
         if state is JobState.FAILED:
             job.error = raised if isinstance(raised, Exception) else RuntimeError(
@@ -432,6 +452,11 @@ class JobRunner(Generic[B]):
         if job.state.running:
             job.interrupt = job.interrupt or why
             job.task.cancel()
+            if job.interrupt is Interrupt.CANCEL and job.state is JobState.WAITING and not job.settled:
+                # its end is decided (terminated): tell JetStream now, not when the handler ends
+                job.settled = True
+                self._settling.add(task := asyncio.create_task(_settle(job.msg, "term")))
+                task.add_done_callback(self._settling.discard)
 
     def _abandon(self) -> None:
         for job in self.jobs():
@@ -439,10 +464,14 @@ class JobRunner(Generic[B]):
 
     async def _keep_waiting_alive(self) -> None:
         """While a job waits to start, keep JetStream from delivering it to another runner. A
-        failed send (the connection is down) is retried at the next tick."""
+        failed send (the connection is down) is retried at the next tick. An interrupted job
+        whose handler still runs is cancelled again instead (its cancel was lost)."""
         while True:
             await asyncio.sleep(self.config.keep_alive)
             for job in self.jobs():
+                if job.interrupt is not None and job.state.running:
+                    job.task.cancel()
+                    continue
                 if job.state is not JobState.WAITING:
                     continue
                 try:
@@ -483,6 +512,31 @@ async def _settle(msg: Msg, action: Settle, delay: float | None = None) -> None:
             await getattr(msg, action)()
     except Exception as err:
         log.warning("could not %s stream sequence %d: %s", action, msg.metadata.sequence.stream, err)
+
+
+T = TypeVar("T")
+
+
+class _Recent(Generic[T]):
+    """Items by key, each kept `ttl` seconds after it was added."""
+
+    def __init__(self, ttl: float):
+        self.ttl = ttl
+        self._items: dict[str, tuple[float, T]] = {}  # insertion order is arrival order
+
+    def add(self, key: str, item: T) -> None:
+        now = time.monotonic()
+        self._items.pop(key, None)
+        self._items[key] = (now, item)
+        while now - next(iter(self._items.values()))[0] > self.ttl:
+            del self._items[next(iter(self._items))]
+
+    def pop(self, key: str) -> T | None:
+        entry = self._items.pop(key, None)
+        return None if entry is None else entry[1]
+
+    def values(self) -> list[T]:
+        return [item for _, item in self._items.values()]
 
 
 async def _call(hook: Callable[..., Awaitable[None]] | None, *args) -> None:

@@ -1,5 +1,5 @@
-"""Models and adapters as artifacts: a folder packed into one tar object in the `artifacts`
-store, named `models/<model name>.tar`, with its model card (`model_card.json`) inside. The
+"""Models and adapters as artifacts: a folder packed into one tar object in the `models`
+object store, named `models/<model name>.tar`, with its model card (`model_card.json`) inside. The
 trainer packs and publishes them; a worker given `artifact://NAME` fetches and unpacks them.
 Unpacking refuses members that would land outside the target folder."""
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import subjects
-from .subjects import (ARENA_PREFIX, ARENA_STREAM, ARTIFACTS_BUCKET, EVENTS_PREFIX, EVENTS_STREAM, JOBS_PREFIX,
-                       JOBS_STREAM, JUDGE_CONSUMER, JUDGE_JOBS, TRAIN_CONSUMER, TRAIN_JOBS)
+from .subjects import (ARENA_PREFIX, ARENA_STREAM, ARTIFACT_BUCKETS, EVENTS_PREFIX, EVENTS_STREAM, JOBS_PREFIX,
+                       JOBS_STREAM, JUDGE_BUCKET, JUDGE_CONSUMER, JUDGE_JOBS, LEADERBOARD_BUCKET, MODELS_BUCKET,
+                       TRAIN_CONSUMER, TRAIN_JOBS, TRAINING_BUCKET)
 
 # -- JetStream's own subjects -------------------------------------------------------------------
 
@@ -42,7 +43,7 @@ def contract_streams() -> tuple[str, ...]:
     """The stream behind every object of the contract (`proto/contract.py`; a test keeps the
     two equal): what a role that ensures the contract creates and reconciles."""
     return (subjects.GEN_STREAM, kv_stream(subjects.REGISTRY_BUCKET), ARENA_STREAM, JOBS_STREAM,
-            EVENTS_STREAM, obj_stream(ARTIFACTS_BUCKET))
+            EVENTS_STREAM, *(obj_stream(bucket) for bucket in ARTIFACT_BUCKETS))
 
 
 def _stream_admin(stream: str) -> list[str]:
@@ -91,7 +92,9 @@ def _objects_reader(bucket: str) -> list[str]:
 
 
 def _objects_writer(bucket: str) -> list[str]:
-    # Replacing or deleting an object purges its old chunks: a purge of this stream only.
+    """Write, replace and delete the objects of the one bucket a role owns. Replacing or deleting
+    an object purges its old chunks, which NATS grants as a purge of the whole stream: of this
+    bucket only, so a writer can lose its own objects but never another role's."""
     stream = obj_stream(bucket)
     return [*_objects_reader(bucket), *_stream_admin(stream), _api("STREAM.PURGE", stream), f"$O.{bucket}.>"]
 
@@ -181,7 +184,7 @@ def build_roles() -> dict[str, Role]:
             # matches a literal `gen.>` token; docs/security.md says what that allows.)
             _api("STREAM.INFO", gen), *_pull_consumer(gen, "*", gen_one),
             _api("STREAM.INFO", registry), f"$KV.{subjects.REGISTRY_BUCKET}.>",
-            token_plane, alive, *_objects_reader(ARTIFACTS_BUCKET),
+            token_plane, alive, *_objects_reader(MODELS_BUCKET),
         ],
         subscribe=[cancel],
         deny_publish=(gen_all, f"{subjects.CANCEL_PREFIX}.>", _api("STREAM.CREATE.>"), _api("STREAM.PURGE.>")),
@@ -189,29 +192,32 @@ def build_roles() -> dict[str, Role]:
     )
     arena = _role(
         "arena",
-        "records votes and conversations in ARENA, replays it, submits and cancels judge jobs",
+        "records votes and conversations in ARENA, replays it, submits and cancels judge jobs, reads their "
+        "results and the leaderboard's snapshots",
         publish=[
             *_stream_admin(ARENA_STREAM), *_stream_reader(ARENA_STREAM), f"{ARENA_PREFIX}.>",
             *_stream_admin(JOBS_STREAM), JUDGE_JOBS, subjects.job_cancel_subject("*"),
-            *_stream_reader(EVENTS_STREAM), *_objects_reader(ARTIFACTS_BUCKET),
+            *_stream_reader(EVENTS_STREAM), *_objects_reader(JUDGE_BUCKET), *_objects_reader(LEADERBOARD_BUCKET),
         ],
         subscribe=[],
         deny_publish=(gen_all,),
     )
     leaderboard = _role(
         "leaderboard",
-        "replays ARENA, follows it through its durable consumer `leaderboard`, writes snapshots as artifacts",
+        "replays ARENA, follows it through its durable consumer `leaderboard`, writes its snapshots (bucket "
+        "`leaderboard`)",
         publish=[
             *_stream_reader(ARENA_STREAM), *_pull_consumer(ARENA_STREAM, LEADERBOARD_CONSUMER, f"{ARENA_PREFIX}.>"),
-            *_objects_writer(ARTIFACTS_BUCKET),
+            *_objects_writer(LEADERBOARD_BUCKET),
         ],
         subscribe=[],
         deny_publish=(gen_all, f"{ARENA_PREFIX}.>", f"{JOBS_PREFIX}.>", f"{EVENTS_PREFIX}.>"),
     )
-    judge = _job_runner("judge", "takes judge jobs, publishes progress and results, writes artifacts",
-                        JUDGE_CONSUMER, JUDGE_JOBS)
-    trainer = _job_runner("trainer", "takes train jobs, publishes progress, writes adapters as artifacts",
-                          TRAIN_CONSUMER, TRAIN_JOBS)
+    judge = _job_runner("judge", "takes judge jobs, publishes progress and results, writes its records and "
+                        "results (bucket `judge`)", JUDGE_CONSUMER, JUDGE_JOBS, owns=(JUDGE_BUCKET,))
+    trainer = _job_runner("trainer", "takes train jobs, publishes progress, writes models and adapters (bucket "
+                          "`models`), checkpoints and job data (bucket `training`)", TRAIN_CONSUMER, TRAIN_JOBS,
+                          owns=(MODELS_BUCKET, TRAINING_BUCKET))
     admin = Role(
         name="admin",
         summary="everything: the all-in-one launcher (`chatfabric up`) and operators",
@@ -223,10 +229,11 @@ def build_roles() -> dict[str, Role]:
     return {r.name: r for r in (admin, gateway, worker, arena, leaderboard, judge, trainer)}
 
 
-def _job_runner(name: str, summary: str, consumer: str, jobs: str) -> Role:
+def _job_runner(name: str, summary: str, consumer: str, jobs: str, owns: tuple[str, ...]) -> Role:
     """A service that takes one kind of job. It may publish that kind (a judge fans a job out
     into parts on its own subject) but no other, reads EVENTS (a job's cancel) and ARENA (the
-    judge's agreement with human votes, the trainer's preference pairs)."""
+    judge's agreement with human votes, the trainer's preference pairs), and writes the object
+    stores it `owns`."""
     other_jobs = tuple(subject for subject, _ in subjects.JOB_KINDS.values() if subject != jobs)
     return _role(
         name,
@@ -235,7 +242,7 @@ def _job_runner(name: str, summary: str, consumer: str, jobs: str) -> Role:
             *_stream_reader(ARENA_STREAM),
             *_stream_admin(JOBS_STREAM), *_pull_consumer(JOBS_STREAM, consumer, jobs), jobs,
             *_stream_admin(EVENTS_STREAM), *_stream_reader(EVENTS_STREAM), f"{EVENTS_PREFIX}.>",
-            *_objects_writer(ARTIFACTS_BUCKET),
+            *(subject for bucket in owns for subject in _objects_writer(bucket)),
         ],
         subscribe=[],
         deny_publish=(f"{subjects.GEN_PREFIX}.>", *other_jobs),

@@ -40,7 +40,13 @@ TRAIN_CONSUMER = "trainer"  # the trainers' one, filtered on TRAIN_JOBS
 JOB_KINDS = {"judge": (JUDGE_JOBS, JUDGE_CONSUMER), "train": (TRAIN_JOBS, TRAIN_CONSUMER)}
 EVENTS_STREAM = "EVENTS"
 EVENTS_PREFIX = "events"  # events.progress.<job>, events.result.<job>, events.cancel.<job>
-ARTIFACTS_BUCKET = "artifacts"  # JetStream object store
+# JetStream object stores, one per writer, so that each role replaces and purges only its own
+# objects and everyone else only reads them (docs/security.md).
+MODELS_BUCKET = "models"  # the trainer's published models and adapters (workers serve them)
+TRAINING_BUCKET = "training"  # the trainer's checkpoints and the data of submitted train jobs
+JUDGE_BUCKET = "judge"  # the judge's answers, judgments and results
+LEADERBOARD_BUCKET = "leaderboard"  # the leaderboard follower's snapshots
+ARTIFACT_BUCKETS = (MODELS_BUCKET, TRAINING_BUCKET, JUDGE_BUCKET, LEADERBOARD_BUCKET)
 
 MAX_MODEL_NAME_CHARS = 256
 # The consumer name `gen-<token>` must stay within JetStream's 255-byte name limit.

@@ -2,8 +2,11 @@
 
 `CHATFABRIC_TRACING` (or a component's `--tracing`) turns it on:
 
-- `otlp`: spans go to an OTLP/HTTP collector configured by the standard `OTEL_*` variables
-  (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_SERVICE_NAME`, ...);
+- `otlp`: spans go to an OTLP collector configured by the standard `OTEL_*` variables
+  (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_SERVICE_NAME`, ...), over
+  the protocol `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` or `OTEL_EXPORTER_OTLP_PROTOCOL` names:
+  `http/protobuf` (the default, port 4318) or `grpc` (port 4317, with the
+  `opentelemetry-exporter-otlp-proto-grpc` package installed);
 - `console`: spans are printed to stderr;
 - `file:PATH`: one JSON object per span appended to PATH (what the tests read).
 
@@ -50,21 +53,47 @@ def setup(service: str, mode: str | None = None) -> bool:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
     resource = Resource.create({SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME", service)})
-    provider = TracerProvider(resource=resource)
     if mode == "otlp":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        exporter = otlp_exporter()
     elif mode == "console":
-        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+        exporter = ConsoleSpanExporter()
     elif mode.startswith("file:") and len(mode) > 5:
-        provider.add_span_processor(BatchSpanProcessor(JsonLinesExporter(mode[5:])))
+        exporter = JsonLinesExporter(mode[5:])
     else:
         raise ValueError(f"{ENV}={mode!r}: expected otlp, console or file:PATH")
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     _configured = True
-    log.info("tracing on (%s) as %s", mode, service)
+    log.info("tracing on (%s) as %s", mode if mode != "otlp" else f"otlp, {otlp_protocol()}", service)
     return True
+
+
+OTLP_PROTOCOLS = ("http/protobuf", "grpc")
+
+
+def otlp_protocol() -> str:
+    """The protocol the standard variables name (the traces-specific one first)."""
+    return (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+            or "http/protobuf").strip()
+
+
+def otlp_exporter():
+    """OpenTelemetry's own OTLP span exporter for `otlp_protocol()`; it reads the endpoint,
+    headers, timeout and TLS settings from the `OTEL_EXPORTER_OTLP_*` variables itself."""
+    protocol = otlp_protocol()
+    if protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    elif protocol == "grpc":
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        except ImportError:
+            raise ValueError("OTLP over grpc needs its exporter: pip install opentelemetry-exporter-otlp-proto-grpc "
+                             "(or set OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf)") from None
+    else:
+        raise ValueError(f"OTLP protocol {protocol!r} is not one of {', '.join(OTLP_PROTOCOLS)} "
+                         "(OTEL_EXPORTER_OTLP_TRACES_PROTOCOL / OTEL_EXPORTER_OTLP_PROTOCOL)")
+    return OTLPSpanExporter()
 
 
 def enabled() -> bool:

@@ -354,7 +354,7 @@ async def test_a_node_killed_under_load(tmp_path, model_dir):
                            role="arena") as vote_bus, \
                 connect(BusConfig(url=cluster.urls(n3), server_order="listed"), "test-admin", auth=admin) as admin_bus:
             streams = sorted(n1.streams())
-            assert {"GEN", "ARENA", "EVENTS", "JOBS", "KV_workers", "OBJ_artifacts"} <= set(streams), streams
+            assert {"GEN", "ARENA", "EVENTS", "JOBS", "KV_workers", "OBJ_models", "OBJ_judge"} <= set(streams), streams
             for name in streams:
                 info = await admin_bus.js.stream_info(name)
                 assert info.config.num_replicas == 3, (name, info.config.num_replicas)

@@ -105,11 +105,12 @@ async def test_a_fresh_fabric_shows_the_whole_contract_once_a_gateway_joined(tmp
                 await worker.ensure_consumer("m")
         async with connect(config, "test", role="gateway") as gateway:
             found = {info.config.name: info.config for info in await gateway.js.streams_info()}
-            assert set(found) == {"GEN", "ARENA", "JOBS", "EVENTS", "KV_workers", "OBJ_artifacts"}
+            assert set(found) == {"GEN", "ARENA", "JOBS", "EVENTS", "KV_workers", "OBJ_models", "OBJ_training",
+                                  "OBJ_judge", "OBJ_leaderboard"}
             for spec in gateway.contract.specs():
                 assert differences(spec, found[spec.stream]) == [], spec.label
             assert gateway.registry is not None
-            assert (await gateway.put_artifact("empty", b"")).size == 0
+            assert (await gateway.put_artifact(subjects.JUDGE_BUCKET, "empty", b"")).size == 0
 
 
 def test_the_roles_know_every_stream_of_the_contract():
@@ -296,10 +297,10 @@ async def test_replay_refuses_a_work_queue(bus):
 async def test_an_artifact_round_trips_and_its_reference_pins_the_content(bus):
     name = unique("adapter-") + ".safetensors"
     payload = os.urandom(300_000)  # several chunks
-    ref = await bus.put_artifact(name, payload, description="a LoRA adapter")
+    ref = await bus.put_artifact(subjects.MODELS_BUCKET, name, payload, description="a LoRA adapter")
     assert ref.digest == "sha256:" + hashlib.sha256(payload).hexdigest() and ref.size == len(payload)
     assert await bus.get_artifact(ref) == payload
-    await bus.put_artifact(name, b"another version")
+    await bus.put_artifact(subjects.MODELS_BUCKET, name, b"another version")
     with pytest.raises(ArtifactMismatch, match="changed since it was referenced"):
         await bus.get_artifact(ref)
     with pytest.raises(ArtifactMismatch, match="is not in"):
@@ -309,20 +310,20 @@ async def test_an_artifact_round_trips_and_its_reference_pins_the_content(bus):
 async def test_an_artifact_read_while_it_is_replaced_gets_one_whole_version_and_keeps_no_subscription(bus):
     name = unique("snapshot-")
     versions = [bytes([n]) * 200_000 for n in range(12)]  # two chunks each: a purge can land between them
-    await bus.put_artifact(name, versions[0])
+    await bus.put_artifact(subjects.MODELS_BUCKET, name, versions[0])
     subscriptions = len(bus.nc._subs)
 
     async def replace_all() -> None:
         for payload in versions[1:]:
-            await bus.put_artifact(name, payload)
+            await bus.put_artifact(subjects.MODELS_BUCKET, name, payload)
 
     writer = asyncio.create_task(replace_all())
     reads = []
     while not writer.done():
-        reads.append(await asyncio.wait_for(bus.read_artifact(name), 30))
+        reads.append(await asyncio.wait_for(bus.read_artifact(subjects.MODELS_BUCKET, name), 30))
     await writer
     assert reads and all(read in versions for read in reads)
-    assert await bus.read_artifact(name) == versions[-1]
+    assert await bus.read_artifact(subjects.MODELS_BUCKET, name) == versions[-1]
     assert len(bus.nc._subs) == subscriptions
 
 

@@ -19,6 +19,7 @@ from nats.js import api
 from pydantic import BaseModel
 
 from chatfabric.proto.embedded import EmbeddedServer, free_port
+from chatfabric.proto.events import JobCancel
 from chatfabric.proto.jobs import HandBack, Interrupt, Job, JobKind, JobRunner, JobState, Refuse, RunnerConfig
 
 ACK_WAIT = 1.0  # seconds: short, so that a redelivery (or its absence) shows within the test
@@ -242,6 +243,60 @@ async def test_cancel_a_running_job_and_one_not_yet_pulled(server):
             assert job.cancel_reason == "the client left"
         await eventually(lambda: emptied(queue), "the unstarted one terminated, the started one acked")
         assert script.failed == []
+
+
+async def test_a_cancelled_job_is_terminated_at_once_and_a_lost_cancel_is_repeated(server):
+    """A handler that loses its cancel (as a library's `wait_for` can) and keeps waiting: the
+    delivery is terminated at the cancel all the same, and the handler is cancelled again until
+    it ends; it can no longer start."""
+    script, swallowed = Script(), asyncio.Event()
+
+    async def deaf(job: Job[Task]) -> None:
+        await script.calls.put(job)
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            swallowed.set()  # lost: as if the cancel landed as an awaited reply arrived
+        try:
+            await job.start()
+        except asyncio.CancelledError:
+            pass  # lost again
+        await asyncio.Event().wait()  # only a repeated cancel ends this
+
+    script.handle = deaf
+    async with Queue(server.url) as queue, running(queue, script, capacity=1) as (runner, _, _):
+        await queue.publish(Task(id="deaf"))
+        job = await script.next_call()
+        runner.cancel("deaf", "the user cancelled it")
+        await eventually(lambda: emptied(queue), "the delivery terminated at the cancel", timeout=ACK_WAIT)
+        assert swallowed.is_set() and job.state is JobState.WAITING  # the handler still runs
+        assert await ended(job) is JobState.CANCELLED
+        info = await queue.consumer()
+        assert (info.num_ack_pending, info.num_redelivered, info.num_pending) == (0, 0, 0)
+
+
+async def test_a_job_named_by_a_cancel_heard_earlier_is_dropped_when_pulled(server):
+    """`serve` remembers the cancels it heard: a part of a cancelled job pulled after the cancel
+    never runs."""
+    script, cancels = Script(), asyncio.Queue()
+    async with Queue(server.url) as queue:
+        runner = JobRunner(await queue.subscribe(), KIND, script.handle,
+                           RunnerConfig(capacity=1, keep_alive=0.25, fetch_timeout=FETCH_TIMEOUT),
+                           on_dropped=script.on_dropped)
+        stop = asyncio.Event()
+        serving = asyncio.create_task(runner.serve(stop, cancels, lambda job, c: job.id.startswith(c.job_id)))
+        await queue.publish(Task(id="job-1-p0"))
+        first = await script.next_call()
+        await cancels.put(JobCancel(job_id="job-1", kind="judge", reason="stop"))
+        assert await ended(first) is JobState.CANCELLED
+        await queue.publish(Task(id="job-1-p1"), Task(id="job-2-p0"))
+        other = await script.next_call()
+        assert other.id == "job-2-p0"
+        assert [(job.id, job.state) for job in script.dropped] == [("job-1-p1", JobState.CANCELLED)]
+        script.release.set()
+        stop.set()
+        await asyncio.wait_for(serving, 10)
+        await eventually(lambda: emptied(queue), "everything settled")
 
 
 @pytest.mark.parametrize("action", ["crash", "start-crash"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import subprocess
 import sys
@@ -281,3 +282,39 @@ def test_judge_jobs_round_trip_or_are_refused_by_name(models, mode, baseline, qu
 def test_record_keys_of_distinct_question_ids_are_distinct(ids):
     assert len({token(i) for i in ids}) == len(ids)
     assert all(re.fullmatch(r"[A-Za-z0-9_=-]+", token(i)) for i in ids)
+
+
+async def test_a_judge_job_runs_from_outside_the_checkout_on_packaged_data(tmp_path):
+    """The command as a user types it, in a folder of their own, with no shared data folder: the
+    questions and prompts come from the package; --prompts-file replaces a prompt by name."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"name": "single-v1", "type": "single", "output_format": "[[rating]]",
+                                   "system_prompt": "You are a strict grader.",
+                                   "prompt_template": "[Question]\n{question}\n[Answer]\n{answer}\nRate it."}) + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "CHATFABRIC_SHARED_DATA"}
+    async with FakeOpenAI(judge=lambda p: "Rating: [[6]]") as fake:
+        proc = await asyncio.create_subprocess_exec(
+            CHATFABRIC, "judge", "run", "--local", "--questions", str(WRITING), "--models", "m-a", "--judge-model", "j",
+            "--gateway-url", fake.url, "--prompts-file", str(prompts), "--no-progress", "--output", "out",
+            cwd=tmp_path, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+        assert proc.returncode == 0, err.decode()
+        judged = fake.judge_requests()
+    assert "m-a" in out.decode() and "HTTP Request" not in err.decode()
+    [m] = json.loads((tmp_path / "out" / "summary.json").read_text())["models"]
+    assert m["turn_1"]["mean"] == 6.0 and m["turn_2"]["mean"] == 6.0
+    turn_1 = [r for r in judged if "### User" not in r["messages"][1]["content"]]
+    assert turn_1 and all(r["messages"][0]["content"] == "You are a strict grader." for r in turn_1)
+    assert all(r["messages"][1]["content"].endswith("Rate it.") for r in turn_1)
+    turn_2 = [r for r in judged if r not in turn_1]
+    assert turn_2 and all(r["messages"][0]["content"] != "You are a strict grader." for r in turn_2)  # packaged
+
+
+def test_a_prompts_file_naming_no_judge_prompt_is_refused(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"name": "single-v9", "type": "single", "output_format": "[[rating]]",
+                                   "system_prompt": "s", "prompt_template": "t"}) + "\n")
+    out = subprocess.run([CHATFABRIC, "judge", "run", "--local", "--models", "a", "--judge-model", "j",
+                          "--prompts-file", str(prompts)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 2 and "no judge prompt is called 'single-v9'" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import urllib.request
 
 import openai
@@ -155,6 +156,104 @@ def test_one_request_is_one_trace_across_gateway_and_worker(tmp_path, model_dir)
     assert found["prefill"]["parent_id"] == found["decode"]["parent_id"] == found["worker.generate"]["span_id"]
     assert found["worker.generate"]["attributes"]["chatfabric.completion_tokens"] == 3
     assert found["prefill"]["end"] <= found["decode"]["start"]
+
+
+class OtlpReceiver:
+    """A small OTLP/HTTP receiver (what a collector's `otlp` receiver does on :4318): POST
+    /v1/traces with a protobuf ExportTraceServiceRequest; the spans it got, by name."""
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (ExportTraceServiceRequest,
+                                                                             ExportTraceServiceResponse)
+        receiver = self
+        self.spans: list[tuple[str, object]] = []  # (service name, span)
+        self.content_types: set[str] = set()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.content_types.add(self.headers["Content-Type"])
+                ok = self.path == "/v1/traces"
+                if ok:
+                    request = ExportTraceServiceRequest.FromString(body)
+                    for resource_spans in request.resource_spans:
+                        service = next(a.value.string_value for a in resource_spans.resource.attributes
+                                       if a.key == "service.name")
+                        for scope in resource_spans.scope_spans:
+                            receiver.spans.extend((service, span) for span in scope.spans)
+                reply = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200 if ok else 404)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_otlp_export_reaches_an_otlp_http_receiver(tmp_path, model_dir):
+    """`--tracing otlp` with the standard variables: the gateway's spans of one request arrive,
+    as protobuf over HTTP, at the endpoint OTEL_EXPORTER_OTLP_ENDPOINT names."""
+    from conftest import make_fabric
+
+    receiver = OtlpReceiver()
+    fab = make_fabric(model_dir, tmp_path)
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_SDK_DISABLED",
+                 "CHATFABRIC_TRACING", "OTEL_SERVICE_NAME"):
+        fab.env.pop(name, None)
+    fab.env.update(OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url, OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
+                   OTEL_BSP_SCHEDULE_DELAY="200")
+    try:
+        _, base = fab.gateway("--tracing", "otlp")
+        fab.worker("exported", "--backend", "synthetic")
+        fab.wait_workers(base, "exported", 1)
+        trace_id, client_span = "5bf92f3577b34da6a3ce929d0e0e4737", "10f067aa0ba902b8"
+        body = json.dumps({"model": "exported", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]})
+        request = urllib.request.Request(f"{base}/v1/chat/completions", body.encode(),
+                                         {"Content-Type": "application/json",
+                                          "traceparent": f"00-{trace_id}-{client_span}-01"})
+        urllib.request.urlopen(request, timeout=60).read()
+
+        def arrived():
+            found = {span.name: (service, span) for service, span in list(receiver.spans)
+                     if span.trace_id.hex() == trace_id}
+            return found if {"POST /v1/chat/completions", "generation"} <= found.keys() else None
+
+        found = wait_for(arrived, 30, "the gateway's spans at the OTLP receiver")
+    finally:
+        fab.close()
+        receiver.close()
+    (service, server), (_, generation) = found["POST /v1/chat/completions"], found["generation"]
+    assert service == "chatfabric-gateway" and receiver.content_types == {"application/x-protobuf"}
+    assert server.parent_span_id.hex() == client_span
+    assert generation.parent_span_id == server.span_id
+
+
+def test_otlp_over_grpc_without_its_exporter_is_a_clear_error(monkeypatch):
+    from chatfabric.proto import tracing
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    try:
+        import opentelemetry.exporter.otlp.proto.grpc  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="pip install opentelemetry-exporter-otlp-proto-grpc"):
+            tracing.otlp_exporter()
+    else:
+        assert type(tracing.otlp_exporter()).__module__.startswith("opentelemetry.exporter.otlp.proto.grpc")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")
+    with pytest.raises(ValueError, match="not one of http/protobuf, grpc"):
+        tracing.otlp_exporter()
 
 
 def test_json_logs_carry_one_line_per_request(tmp_path, model_dir):

@@ -228,7 +228,11 @@ WORKER_REFUSED = {
     "vote": _pub("arena.vote.x"),
     "inject a request": _pub(subjects.gen_subject(MODEL)),
     "submit a train job": _pub(subjects.TRAIN_JOBS),
-    "write an artifact": _pub(f"$O.{subjects.ARTIFACTS_BUCKET}.M.x"),
+    "write a model": _pub(f"$O.{subjects.MODELS_BUCKET}.M.x"),
+    "read the judge's records": _api(lambda js: js.object_store(subjects.JUDGE_BUCKET),
+                                     f"$JS.API.STREAM.INFO.{roles.obj_stream(subjects.JUDGE_BUCKET)}"),
+    "read training data": _api(lambda js: js.object_store(subjects.TRAINING_BUCKET),
+                               f"$JS.API.STREAM.INFO.{roles.obj_stream(subjects.TRAINING_BUCKET)}"),
     "delete the GEN stream": _api(lambda js: js.delete_stream(GEN), f"$JS.API.STREAM.DELETE.{GEN}"),
     "purge the registry": _api(lambda js: js.purge_stream(REGISTRY), f"$JS.API.STREAM.PURGE.{REGISTRY}"),
     "create a stream": _api(lambda js: js.add_stream(name="MINE", subjects=["mine.>"]), "$JS.API.STREAM.CREATE.MINE"),
@@ -316,12 +320,14 @@ async def test_arena_publishes_and_replays_votes_through_the_bus(planes, join):
 
 
 async def test_job_runners_publish_events_and_artifacts_through_the_bus(planes, join):
-    judge, worker = await join("judge"), await join("worker")
+    judge, trainer, arena, worker = await join("judge"), await join("trainer"), await join("arena"), await join("worker")
     bus = Bus(judge.nc, BusConfig())
     await bus.publish_event(JobProgress(job_id="sec-job", kind="judge", done=1, total=2))
-    ref = await bus.put_artifact("sec-results.json", b"{}")
-    assert await Bus(worker.nc, BusConfig()).get_artifact(ref) == b"{}"
-    for peer in (judge, worker):
+    ref = await bus.put_artifact(subjects.JUDGE_BUCKET, "sec-results.json", b"{}")
+    assert await Bus(arena.nc, BusConfig()).get_artifact(ref) == b"{}"  # `judge run` reads the results
+    model = await Bus(trainer.nc, BusConfig()).put_artifact(subjects.MODELS_BUCKET, "models/sec.tar", b"tar")
+    assert await Bus(worker.nc, BusConfig()).get_artifact(model) == b"tar"  # a worker serves artifact://sec
+    for peer in (judge, trainer, arena, worker):
         await peer.assert_clean()
 
 
@@ -340,7 +346,10 @@ ARENA_REFUSED = {
     "take judge jobs": _api(lambda js: js.pull_subscribe(subjects.JUDGE_JOBS, durable=subjects.JUDGE_CONSUMER,
                                                          stream=subjects.JOBS_STREAM),
                             f"$JS.API.CONSUMER.INFO.{subjects.JOBS_STREAM}.{subjects.JUDGE_CONSUMER}"),
-    "write an artifact": _pub(f"$O.{subjects.ARTIFACTS_BUCKET}.C.x"),
+    "write a judge's record": _pub(f"$O.{subjects.JUDGE_BUCKET}.C.x"),
+    "replace the leaderboard's snapshot": _pub(f"$O.{subjects.LEADERBOARD_BUCKET}.M.x"),
+    "purge the published models": _api(lambda js: js.purge_stream(roles.obj_stream(subjects.MODELS_BUCKET)),
+                                       f"$JS.API.STREAM.PURGE.{roles.obj_stream(subjects.MODELS_BUCKET)}"),
 }
 
 
@@ -353,6 +362,11 @@ JOB_ROLES = {
     "judge": (subjects.JUDGE_CONSUMER, subjects.JUDGE_JOBS, subjects.TRAIN_CONSUMER, subjects.TRAIN_JOBS),
     "trainer": (subjects.TRAIN_CONSUMER, subjects.TRAIN_JOBS, subjects.JUDGE_CONSUMER, subjects.JUDGE_JOBS),
 }
+# each writer's own object store, and the role that reads what it writes there
+OWN_BUCKET = {"judge": (subjects.JUDGE_BUCKET, "arena"), "trainer": (subjects.MODELS_BUCKET, "worker"),
+              "leaderboard": (subjects.LEADERBOARD_BUCKET, "arena")}
+OWNERS = {subjects.MODELS_BUCKET: "trainer", subjects.TRAINING_BUCKET: "trainer", subjects.JUDGE_BUCKET: "judge",
+          subjects.LEADERBOARD_BUCKET: "leaderboard"}
 
 
 @pytest.mark.parametrize("role_name", JOB_ROLES)
@@ -365,14 +379,42 @@ async def test_job_runner_takes_its_jobs_and_publishes_results(planes, join, rol
     await job.in_progress()
     await job.ack()
     await runner.js.publish(f"{subjects.EVENTS_PREFIX}.{role_name}.done", b"result")
-    store = await runner.js.object_store(subjects.ARTIFACTS_BUCKET)
+    for peer in (runner, worker):
+        await peer.assert_clean()
+
+
+@pytest.mark.parametrize("role_name", OWN_BUCKET)
+async def test_a_writer_replaces_and_deletes_its_own_objects_and_its_readers_read_them(planes, join, role_name):
+    bucket, reader_role = OWN_BUCKET[role_name]
+    writer, reader = await join(role_name), await join(reader_role)
+    store = await writer.js.object_store(bucket)
     payload = os.urandom(1 << 20)
     await store.put(f"{role_name}.bin", payload)
     await store.put(f"{role_name}.bin", payload[:1000])  # a replacement purges the old chunks
-    read = await (await worker.js.object_store(subjects.ARTIFACTS_BUCKET)).get(f"{role_name}.bin")
+    read = await (await reader.js.object_store(bucket)).get(f"{role_name}.bin")
     assert read.data == payload[:1000]
-    for peer in (runner, worker):
+    await store.delete(f"{role_name}.bin")
+    for peer in (writer, reader):
         await peer.assert_clean()
+
+
+OTHERS_OBJECTS = [(role_name, bucket) for role_name in ("judge", "trainer", "leaderboard")
+                  for bucket, owner in OWNERS.items() if owner != role_name]
+
+
+@pytest.mark.parametrize("role_name,bucket", OTHERS_OBJECTS, ids=[f"{r}-{b}" for r, b in OTHERS_OBJECTS])
+async def test_no_role_can_replace_delete_or_purge_another_roles_objects(planes, join, role_name, bucket):
+    """Least privilege to the object: an owner's object survives every other writer."""
+    owner, intruder = await join(OWNERS[bucket]), await join(role_name)
+    await (await owner.js.object_store(bucket)).put("precious.bin", b"keep me")
+    stream = roles.obj_stream(bucket)
+    await intruder.refused_call(intruder.js.purge_stream(stream), f"$JS.API.STREAM.PURGE.{stream}")
+    for plane in ("M", "C"):
+        await intruder.nc.publish(f"$O.{bucket}.{plane}.x", b"x")
+        await intruder.refused("publish", f"$O.{bucket}.{plane}.x")
+    kept = await (await owner.js.object_store(bucket)).get("precious.bin")
+    assert kept.data == b"keep me"
+    await owner.assert_clean()
 
 
 @pytest.mark.parametrize("role_name", JOB_ROLES)

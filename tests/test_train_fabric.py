@@ -32,7 +32,7 @@ def ensure_contract(url):
 async def submit_and_watch(url, job_of, on_progress=None, timeout=400, before=None):
     async with connect(BusConfig.from_env(url=url), "test") as bus:
         data = "\n".join(json.dumps(r) for r in json.load(open(SHAREGPT))[:2]).encode()
-        ref = await bus.put_artifact(f"train-data/{uuid.uuid4().hex}.jsonl", data)
+        ref = await bus.put_artifact(subjects.TRAINING_BUCKET, f"train-data/{uuid.uuid4().hex}.jsonl", data)
         job = job_of(ref)
         seen = []
         async with bus.follow_job_events(job_events(job.id), since=job.at - 1) as events:

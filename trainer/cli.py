@@ -16,7 +16,7 @@ from ..proto.auth import auth_from_args
 from ..proto.bus import DEFAULT_URL, BusConfig, connect
 from ..proto.events import JobCancel, JobProgress, JobResult, TrainJob
 from ..proto.jobs import until_stopped
-from ..proto.subjects import job_events
+from ..proto.subjects import TRAINING_BUCKET, job_events
 from .progress import Hooks, Progress, Stopped
 from .settings import TrainSettings
 
@@ -83,7 +83,8 @@ def method_of(args) -> str:
 
 
 def _bus(args):
-    return connect(BusConfig.from_env(url=args.nats_url or DEFAULT_URL), "train", auth=auth_from_args(args))
+    return connect(BusConfig.from_env(url=args.nats_url or DEFAULT_URL), "train", auth=auth_from_args(args),
+                   role="trainer")
 
 
 async def run(args, stop: asyncio.Event) -> None:
@@ -166,10 +167,10 @@ async def submit(args, settings: TrainSettings, data: Path, stop: asyncio.Event)
     following; the job goes on (`chatfabric train cancel ID` stops it)."""
     async with _bus(args) as bus:
         job_id = TrainJob.model_fields["id"].default_factory()
-        data_ref = await bus.put_artifact(f"train-data/{job_id}/{data.name}", data.read_bytes())
+        data_ref = await bus.put_artifact(TRAINING_BUCKET, f"train-data/{job_id}/{data.name}", data.read_bytes())
         eval_ref = None
         if getattr(args, "eval_data", None):
-            eval_ref = await bus.put_artifact(f"train-data/{job_id}/eval-{Path(args.eval_data).name}",
+            eval_ref = await bus.put_artifact(TRAINING_BUCKET, f"train-data/{job_id}/eval-{Path(args.eval_data).name}",
                                               Path(args.eval_data).read_bytes())
         job = TrainJob(id=job_id, base_model=args.model_path, data=data_ref, eval_data=eval_ref,
                        output_model=args.publish_as or f"{Path(args.model_path).name}-{settings.method}-{job_id[:8]}",

@@ -163,7 +163,7 @@ class TrainerService:
                                                error=f"cancelled: {reason}"))
 
     async def on_dropped(self, job: Job[TrainJob]) -> None:
-        await self._publish_cancelled(job.body, f"job {job.state.value} before it ran")
+        await self._publish_cancelled(job.body, job.cancel_reason or f"job {job.state.value} before it ran")
 
     async def on_failed(self, job: Job[TrainJob]) -> None:
         error = f"{type(job.error).__name__}: {job.error}"

@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 from ..proto.model_artifacts import artifact_name, model_artifact, read_card, unpack_folder
+from ..proto.subjects import MODELS_BUCKET
 
 log = logging.getLogger(__name__)
 
@@ -19,9 +20,9 @@ CACHE = Path.home() / ".cache" / "chatfabric" / "artifacts"
 async def fetch(name: str, bus_opener) -> Path:
     """The artifact's folder, unpacked (once per content) under the cache."""
     async with bus_opener() as bus:
-        data = await bus.read_artifact(model_artifact(name))
+        data = await bus.read_artifact(MODELS_BUCKET, model_artifact(name))
     if data is None:
-        raise ValueError(f"artifact://{name}: no model or adapter of that name in the artifacts store")
+        raise ValueError(f"artifact://{name}: no model or adapter of that name in the '{MODELS_BUCKET}' object store")
     digest = hashlib.sha256(data).hexdigest()
     folder = CACHE / f"{name.replace('/', '_')}-{digest[:16]}"
     if not folder.is_dir():
