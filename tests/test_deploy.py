@@ -85,6 +85,26 @@ def test_each_service_joins_as_its_own_role():
     assert {password_env(role) for role in ROLES} <= set(nats_env)
 
 
+def test_every_chatfabric_service_can_send_its_traces_to_the_collector():
+    """CHATFABRIC_TRACING=otlp turns tracing on in every chatfabric service, and their OTLP/HTTP
+    exporter points at the port the collector's HTTP receiver listens on."""
+    import yaml
+
+    services = load_compose({"CHATFABRIC_TRACING": "otlp"})["services"]
+    chatfabric = [name for name, s in services.items() if "command" in s and command_of(s)[:1] == ["chatfabric"]]
+    assert {"gateway", "worker", "worker-gpu", "arena", "leaderboard", "judge", "trainer"} <= set(chatfabric)
+    for name in chatfabric:
+        env = services[name]["environment"]
+        assert env["CHATFABRIC_TRACING"] == "otlp", name
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4318", name
+        assert env["OTEL_EXPORTER_OTLP_PROTOCOL"] == "http/protobuf", name
+        build_parser().parse_args([*command_of(services[name])[1:], "--tracing", env["CHATFABRIC_TRACING"]])
+    collector = yaml.safe_load((DEPLOY / "observability" / "otel-collector.yaml").read_text())
+    assert collector["receivers"]["otlp"]["protocols"]["http"]["endpoint"] == "0.0.0.0:4318"
+    assert "127.0.0.1:4318:4318" in services["otel-collector"]["ports"]
+    assert load_compose({})["services"]["gateway"]["environment"]["CHATFABRIC_TRACING"] == ""  # off by default
+
+
 # -- the default profile as local processes --------------------------------------------------------
 
 
