@@ -163,7 +163,9 @@ async def _follow(args, stop: asyncio.Event) -> None:
 def _report(results, args) -> None:
     """The terminal table, and the JSON and plots when asked for."""
     if args.output is not None:
-        args.output.write_text(results.model_dump_json(indent=1) + "\n", encoding="utf-8")
+        from ..proto.files import write_atomic
+
+        write_atomic(args.output, results.model_dump_json(indent=1) + "\n")
     if args.plots is not None:
         from .plots import save_plots
 

@@ -48,12 +48,14 @@ async def run_import(args, stop: asyncio.Event) -> None:
 
 async def run_export(args, stop: asyncio.Event) -> None:
     from ..proto.contract import ContractMissing
+    from ..proto.files import atomic_writer
     from .transfer import export_records
 
     if args.output is not None and args.output.is_dir():
         raise ValueError(f"--output {args.output}: is a folder; give a file name")
-    async with _connect(args, stop) as bus, contextlib.ExitStack() as files:
-        out = sys.stdout if args.output is None else files.enter_context(open(args.output, "w", encoding="utf-8"))
+    async with _connect(args, stop) as bus, contextlib.AsyncExitStack() as files:
+        # a file appears whole, once every vote is written: a failure leaves no half of one
+        out = sys.stdout if args.output is None else files.enter_context(atomic_writer(args.output))
         try:
             written = await export_records(bus, out, anonymous_only=args.anonymous_only,
                                            with_conversations=args.conversations)

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from pathlib import Path
 from typing import Protocol
 
 from ..proto.bus import Bus
+from ..proto.files import write_atomic
 from ..proto.subjects import JUDGE_BUCKET, model_token
 
 PREFIX = "judge"
@@ -102,6 +102,4 @@ class DirStore:
     @staticmethod
     def _write(path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.partial")
-        partial.write_bytes(data)
-        os.replace(partial, path)
+        write_atomic(path, data)

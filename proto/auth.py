@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlsplit, urlunsplit
 
+from .files import write_atomic
 from .roles import ROLES, Role, role
 
 log = logging.getLogger(__name__)
@@ -134,15 +135,7 @@ def _read_credentials(path: Path) -> dict[str, str]:
 
 def write_private(path: Path, text: str) -> None:
     """Write `text` to `path` readable by its owner only (mode 0600 from the first byte)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, text, mode=0o600)
 
 
 def binds_beyond_loopback(host: str) -> bool:

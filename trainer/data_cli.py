@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from ..proto.files import atomic_writer
 from ..proto.messages import ChatMessage
 from .data import DataError, read_records, to_conversation
 from .masks import IGNORE, MaskReport, Sample, render_with_mask
@@ -127,7 +128,7 @@ def _valid(records: Iterable[Record], report: Callable[[str], None]) -> list[Rec
 
 def _write_jsonl(rows: Iterable[dict], path: str | Path) -> int:
     n = 0
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_writer(Path(path)) as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..proto.events import ConversationLog, Vote
+from ..proto.files import atomic_writer
 from .dpo import Pair
 
 
@@ -50,7 +51,7 @@ async def read_arena_pairs(bus, *, until: float | None = None, anonymous_only: b
 
 
 def write_pairs(pairs: list[Pair], path: Path) -> Path:
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_writer(path) as f:
         for p in pairs:
             record = {"prompt": [m.model_dump() for m in p.prompt], "chosen": p.chosen, "rejected": p.rejected}
             f.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,8 +142,6 @@ def deepspeed_scope(settings: TrainSettings):
     if settings.deepspeed is None:
         yield
         return
-    import os
-
     if "RANK" not in os.environ and "LOCAL_RANK" not in os.environ:
         from ..proto.embedded import free_port
 
@@ -180,13 +179,23 @@ def training_args(spec: RunSpec, has_eval: bool):
     )
 
 
+def quiet_deepspeed() -> None:
+    """accelerate imports DeepSpeed whenever it is installed, and DeepSpeed, finding no GPU,
+    warns on its own handler that it falls back to the CPU: name the CPU (unless the user named
+    an accelerator), which it then takes without a word."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def run_sft(spec: RunSpec, hooks: Hooks) -> RunResult:
     with deepspeed_scope(spec.settings):
         return _run_sft(spec, hooks)
 
 
 def _run_sft(spec: RunSpec, hooks: Hooks) -> RunResult:
-    from transformers import AutoTokenizer, Trainer
+    from transformers import AutoTokenizer, PrinterCallback, Trainer
 
     from ..proto.templates import PromptBuilder
 
@@ -198,9 +207,11 @@ def _run_sft(spec: RunSpec, hooks: Hooks) -> RunResult:
     log.info("training data %s: %s", spec.data, report.summary())
     evaluation = build_samples(spec.eval_data, prompts, s.max_length)[0] if spec.eval_data else None
     meter, losses = Meter(), []
+    quiet_deepspeed()
     trainer = Trainer(model=load_model(spec.model_path, s), args=training_args(spec, evaluation is not None),
                       train_dataset=train, eval_dataset=evaluation, data_collator=CountingCollator(meter),
                       callbacks=[_callback(hooks, meter, losses)])
+    trainer.remove_callback(PrinterCallback)  # with disable_tqdm it prints every log dict; our bar shows them
     resume = checkpoint_to_resume(spec)
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     rates = meter.progress(0, 0, 0)  # training alone, not the save below
