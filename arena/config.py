@@ -10,11 +10,11 @@ import socket
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from ..proto.defaults import DEFAULT_GATEWAY_URL, gateway_url
 from .leaderboard_cli import positive_int, positive_seconds
 from .session import Limits, Sampling
 
 DEFAULT_PORT = 7860
-DEFAULT_GATEWAY_URL = "http://127.0.0.1:8000/v1"
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add_ui_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="HTTP port (default: %(default)s)")
-    p.add_argument("--gateway-url", default=os.environ.get("CHATFABRIC_GATEWAY_URL", DEFAULT_GATEWAY_URL),
+    p.add_argument("--gateway-url", default=gateway_url(),
                    help="the gateway's OpenAI API (default: $CHATFABRIC_GATEWAY_URL, else %(default)s)")
     p.add_argument("--api-key", default=os.environ.get("CHATFABRIC_API_KEY"),
                    help="key for the gateway (default: $CHATFABRIC_API_KEY)")
@@ -78,13 +78,15 @@ def add_ui_args(p: argparse.ArgumentParser) -> None:
 
 
 def ui_config(args, **overrides) -> ArenaConfig:
-    if not 0.0 <= args.battle_temperature <= 2.0:
-        raise ValueError(f"--battle-temperature must be within [0, 2], got {args.battle_temperature}")
+    try:
+        sampling = Sampling(temperature=args.battle_temperature, max_tokens=args.battle_max_tokens)
+    except ValueError as err:
+        raise ValueError(f"--battle-temperature / --battle-max-tokens: {err}") from None
     return ArenaConfig(
         weights=dict(args.sampling_weight),
         limits=Limits(max_turns=args.max_turns, max_input_chars=args.max_input_chars,
                       rounds_per_minute=args.rounds_per_minute, votes_per_minute=args.votes_per_minute),
-        sampling=Sampling(temperature=args.battle_temperature, max_tokens=args.battle_max_tokens),
+        sampling=sampling,
         salt=args.client_salt.encode() if args.client_salt else None,
         leaderboard_refresh=args.leaderboard_refresh,
         **overrides,

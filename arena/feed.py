@@ -12,11 +12,12 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nats.errors
 from pydantic import ValidationError
 
 from ..proto import contract, subjects
 from ..proto.bus import Bus
+from ..proto.bus_errors import BusUnavailable
+from ..proto.pull import Delivery
 from ..proto.events import ConversationLog, Vote
 from ..proto.replay import replay
 from ..proto.roles import LEADERBOARD_SNAPSHOT
@@ -59,10 +60,7 @@ async def read_arena(bus: Bus, *, until: float | None = None, anonymous_only: bo
     keys are kept per vote when some conversation was logged, or always with
     `keep_conversations` (a follower, whose conversations may come later)."""
     tally = Tally()
-    try:
-        tally.tail = (await bus.js.stream_info(subjects.ARENA_STREAM)).state.last_seq
-    except nats.js.errors.NotFoundError:
-        raise contract.missing_stream(subjects.ARENA_STREAM) from None
+    tally.tail = await bus.last_seq(subjects.ARENA_STREAM)
     async for item in _upto(replay(bus, ConversationLog, until=until), tally.tail):
         tally.style.add(item.message.id, assistant_text(item.message))
     keep = keep_conversations or len(tally.style) > 0
@@ -110,18 +108,16 @@ async def follow(bus: Bus, options: FollowOptions, stop: asyncio.Event) -> None:
     rated = rated_battles(tally.columns.battles(), options.anonymous_only, options.exclude_ties)
     elo = OnlineElo.from_table(rated, ratings.elo_ratings(rated))
     log.info("leaderboard: %d votes replayed up to sequence %d; following ARENA", len(tally.columns), tally.tail)
-    spec = contract.leaderboard_consumer(bus.config, start_seq=tally.tail + 1)
-    await bus.ensure(spec)
-    sub = await bus.js.pull_subscribe_bind(spec.name, stream=spec.stream)
+    pull = await bus.pull(contract.leaderboard_consumer(bus.config, start_seq=tally.tail + 1), "leaderboard")
     loop = asyncio.get_running_loop()
     computing: asyncio.Task | None = None
     changed, last_snapshot = True, -float("inf")
     try:
-        while not stop.is_set():
-            for msg in await _fetch(sub):
-                changed |= _take(msg, tally, elo, options)
-                with contextlib.suppress(nats.errors.Error):
-                    await msg.ack()  # a lost ack means a redelivery, which `_take` skips
+        async for batch in pull.batches(stop, lambda: FETCH_BATCH, FETCH_WAIT):
+            for delivery in batch:
+                changed |= _take(delivery, tally, elo, options)
+                with contextlib.suppress(Exception):
+                    await delivery.ack()  # a lost ack means a redelivery, which `_take` skips
             if computing is not None and computing.done():
                 changed |= not _published(computing)
                 computing = None
@@ -132,15 +128,14 @@ async def follow(bus: Bus, options: FollowOptions, stop: asyncio.Event) -> None:
         if computing is not None:
             computing.cancel()
             await asyncio.gather(computing, return_exceptions=True)
-        with contextlib.suppress(nats.errors.Error):
-            await sub.unsubscribe()
+        await pull.unsubscribe()
 
 
 def _published(computing: asyncio.Task) -> bool:
     """Whether a snapshot went out. One the server did not take (it is away) is retried at the
     next interval; any other failure (a bug in the computation) stops the follower, loudly."""
     error = computing.exception()
-    if isinstance(error, (nats.errors.Error, asyncio.TimeoutError, ConnectionError)):
+    if isinstance(error, (BusUnavailable, asyncio.TimeoutError, ConnectionError)):
         log.warning("leaderboard: the snapshot was not stored (%s); retrying", error or type(error).__name__)
         return False
     if error is not None:
@@ -148,31 +143,19 @@ def _published(computing: asyncio.Task) -> bool:
     return True
 
 
-async def _fetch(sub) -> list:
-    """The next messages of the consumer: none after FETCH_WAIT, or while the server is away
-    (the connection reconnects by itself; the consumer is durable and resumes)."""
-    try:
-        return await sub.fetch(FETCH_BATCH, timeout=FETCH_WAIT)
-    except (nats.errors.TimeoutError, asyncio.TimeoutError):
-        return []
-    except nats.errors.Error as err:
-        log.warning("leaderboard: pulling from ARENA failed (%s); retrying", err or type(err).__name__)
-        await asyncio.sleep(FETCH_WAIT)
-        return []
-
-
-def _take(msg, tally: Tally, elo: OnlineElo, options: FollowOptions) -> bool:
+def _take(msg: Delivery, tally: Tally, elo: OnlineElo, options: FollowOptions) -> bool:
     """Count one message of the consumer; True when the leaderboard changed."""
-    seq = msg.metadata.sequence.stream
+    seq = msg.seq
     if seq <= tally.tail:
         return False  # counted already: by the replay, or a redelivery after a lost ack
     tally.tail = seq
     try:
-        if msg.subject.startswith(f"{subjects.CONVERSATION_PREFIX}."):
+        kind = subjects.arena_kind(msg.subject)
+        if kind == "conv":
             conversation = ConversationLog.model_validate_json(msg.data)
             tally.style.add(conversation.id, assistant_text(conversation))
             return True
-        if not msg.subject.startswith(f"{subjects.VOTE_PREFIX}."):
+        if kind != "vote":
             return False
         vote = Vote.model_validate_json(msg.data)
     except ValidationError as err:

@@ -125,11 +125,9 @@ def _results_from_file(args):
 
 
 async def _connected(args, stop):
-    from ..proto.auth import auth_from_args
-    from ..proto.bus import DEFAULT_URL, BusConfig, connect
+    from ..proto.bus import connect_from_args
 
-    config = BusConfig.from_env(url=args.nats_url or DEFAULT_URL)
-    return connect(config, "leaderboard", stop, auth=auth_from_args(args), role="leaderboard")
+    return connect_from_args(args, "leaderboard", stop, role="leaderboard")
 
 
 async def _results_from_stream(args):

@@ -17,7 +17,6 @@ from matplotlib.figure import Figure
 
 from .results import Results
 
-FIGURES = ("rating", "win_fraction", "battle_count")
 _MAX_LABELLED_CELLS = 400  # annotate heat-map cells up to 20 x 20 models
 
 

@@ -52,16 +52,20 @@ FASTCHAT = RatingScale(anchor=("mixtral-8x7b-instruct-v0.1", 1114.0))
 # ---------------------------------------------------------------- online Elo
 
 
+def elo_delta(rating_a, rating_b, score_a, k: float, scale: RatingScale, exp=math.exp):
+    """Online Elo's step for one battle: k * (score_a - expected_a); model_a moves by it and
+    model_b by its opposite. On arrays (several resamples at once) with `exp=np.exp`."""
+    return k * (score_a - 1.0 / (1.0 + exp(scale.log_base / scale.scale * (rating_b - rating_a))))
+
+
 def elo_ratings(battles: Battles, k: float = ELO_K, scale: RatingScale = ELO_SCALE) -> np.ndarray:
     """Online Elo in table order (sort by time first), everyone starting at scale.init: each
     battle moves model_a by k * (score_a - expected_a) and model_b by the opposite, so the
     total is kept. No anchor applies (FastChat anchors only the Bradley-Terry fits)."""
-    alpha = scale.log_base / scale.scale
     ratings = [scale.init] * len(battles.models)
     rows = zip(battles.model_a.tolist(), battles.model_b.tolist(), battles.score_a.tolist())
     for a, b, score in rows:
-        expected = 1.0 / (1.0 + math.exp(alpha * (ratings[b] - ratings[a])))
-        delta = k * (score - expected)
+        delta = elo_delta(ratings[a], ratings[b], score, k, scale)
         ratings[a] += delta
         ratings[b] -= delta
     return np.array(ratings)
@@ -79,10 +83,10 @@ def elo_on_resamples(
 
 
 def _replay_elo(ratings: np.ndarray, battles: Battles, rows: np.ndarray, k, scale) -> None:
-    alpha, rounds = scale.log_base / scale.scale, np.arange(rows.shape[1])
+    rounds = np.arange(rows.shape[1])
     model_a, model_b, score = battles.model_a[rows], battles.model_b[rows], battles.score_a[rows]
     for a, b, s in zip(model_a, model_b, score):
-        delta = k * (s - expit(alpha * (ratings[rounds, a] - ratings[rounds, b])))
+        delta = elo_delta(ratings[rounds, a], ratings[rounds, b], s, k, scale, exp=np.exp)
         ratings[rounds, a] += delta
         ratings[rounds, b] -= delta
 
@@ -291,21 +295,19 @@ class StyleFit:
 
 
 def fit_style_bradley_terry(
-    battles: Battles, features: np.ndarray, weights: np.ndarray | None = None,
-    reg: float = STYLE_REG, log_base: float = math.log(10.0),
+    battles: Battles, features: np.ndarray, reg: float = STYLE_REG, log_base: float = math.log(10.0),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-battle logistic fit of P(a wins) = expit(log_base * (s_a - s_b) + features @ beta),
-    ties as half a win, with an L2 penalty reg/2 * |(s, beta)|^2; battles count `weights`
-    times (default once). Returns (strengths, beta); strengths have mean zero."""
+    ties as half a win, with an L2 penalty reg/2 * |(s, beta)|^2. Returns (strengths, beta);
+    strengths have mean zero."""
     n_models, a, b, score = len(battles.models), battles.model_a, battles.model_b, battles.score_a
-    weights = np.ones(len(battles)) if weights is None else np.asarray(weights, float)
-    total = weights.sum()
+    total = len(battles)
 
     def loss_and_grad(params):
         strength, beta = params[:n_models], params[n_models:]
         logit = log_base * (strength[a] - strength[b]) + features @ beta
-        nll = (weights * (np.logaddexp(0.0, logit) - score * logit)).sum()
-        error = weights * (expit(logit) - score)
+        nll = (np.logaddexp(0.0, logit) - score * logit).sum()
+        error = expit(logit) - score
         grad = reg * params
         per_model = np.bincount(a, error, n_models) - np.bincount(b, error, n_models)
         grad[:n_models] += log_base * per_model
@@ -328,18 +330,3 @@ def style_bt_ratings(
     features = style_features(battles)
     strength, beta = fit_style_bradley_terry(battles, features, reg=reg, log_base=scale.log_base)
     return StyleFit(battles.models, scale.ratings(strength, battles.models), beta)
-
-
-def bootstrap_style_bt(
-    battles: Battles, rounds: int = 100, seed: int = 0, reg: float = STYLE_REG,
-    scale: RatingScale = ELO_SCALE,
-) -> Bootstrap:
-    """Style-controlled ratings on resampled battles (as repeat counts per battle); features are
-    standardized once, on the full table, as FastChat does. A full per-battle fit per round."""
-    features, rng, n = style_features(battles), np.random.default_rng(seed), len(battles)
-    strengths = []
-    for _ in range(rounds):
-        repeats = np.bincount(rng.integers(0, n, n), minlength=n)
-        fit = fit_style_bradley_terry(battles, features, repeats, reg, scale.log_base)
-        strengths.append(fit[0])
-    return Bootstrap(battles.models, scale.ratings(np.array(strengths), battles.models))

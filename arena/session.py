@@ -9,17 +9,27 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from pydantic import ValidationError
+
 from ..proto.events import ConversationLog, Vote, new_id
-from ..proto.messages import ChatMessage, SamplingParams
+from ..proto.messages import ChatMessage, SamplingFields, SamplingParams
 
 
 @dataclass(frozen=True)
 class Sampling:
-    """What the arena asks a model for."""
+    """What the arena asks a model for, checked by the fabric's own sampling rules
+    (`SamplingFields`): an out-of-range value is a ValueError naming the field."""
 
     temperature: float = 0.7
     top_p: float = 1.0
     max_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        try:
+            SamplingFields(**self.as_dict())
+        except ValidationError as err:
+            first = err.errors(include_url=False)[0]
+            raise ValueError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
     def as_dict(self) -> dict[str, float | int]:
         return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens}

@@ -11,14 +11,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-WINNERS = ("model_a", "model_b", "tie", "tie (bothbad)")
-"""The votes, in the order of the `winner` codes."""
+from ..proto.events import WINNERS  # the votes, in the order of the `winner` codes
 
 STYLE_FEATURES = ("length", "headers", "lists", "bold")
 """Per-answer style counts, in the column order of `style_a` / `style_b`."""
 
 # The score of model_a for each winner code: a tie is half a win for each side.
-_SCORE_A = np.array([1.0, 0.0, 0.5, 0.5])
+SCORE_A = np.array([1.0, 0.0, 0.5, 0.5])
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,7 +59,7 @@ class Battles:
     @property
     def score_a(self) -> np.ndarray:
         """model_a's score per battle: 1 for a win, 0 for a loss, 0.5 for either tie."""
-        return _SCORE_A[self.winner]
+        return SCORE_A[self.winner]
 
     @property
     def is_tie(self) -> np.ndarray:

@@ -25,11 +25,9 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
 
 
 def _connect(args, stop: asyncio.Event):
-    from ..proto.auth import auth_from_args
-    from ..proto.bus import DEFAULT_URL, BusConfig, connect
+    from ..proto.bus import connect_from_args
 
-    config = BusConfig.from_env(url=args.nats_url or DEFAULT_URL)
-    return connect(config, "arena", stop, auth=auth_from_args(args), role="arena")
+    return connect_from_args(args, "arena", stop, role="arena")
 
 
 async def run_import(args, stop: asyncio.Event) -> None:

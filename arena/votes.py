@@ -9,18 +9,16 @@ follower that keeps it current. Pure: the bus side is `arena/feed.py`."""
 from __future__ import annotations
 
 import hashlib
-import math
 from array import array
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .ratings import ELO_K, ELO_SCALE, RatingScale
+from .ratings import ELO_K, ELO_SCALE, RatingScale, elo_delta
 from .style import style_counts
-from .table import WINNERS, Battles
+from .table import SCORE_A, WINNERS, Battles
 
 _WINNER_CODES = {name: code for code, name in enumerate(WINNERS)}
-_SCORE_A = (1.0, 0.0, 0.5, 0.5)
 
 
 def conversation_key(conversation_id: str) -> int:
@@ -133,10 +131,8 @@ class OnlineElo:
         return cls(ratings=dict(zip(battles.models, map(float, elo))), **kwargs)
 
     def update(self, model_a: str, model_b: str, winner: str) -> None:
-        alpha = self.scale.log_base / self.scale.scale
         rating_a = self.ratings.setdefault(model_a, self.scale.init)
         rating_b = self.ratings.setdefault(model_b, self.scale.init)
-        expected = 1.0 / (1.0 + math.exp(alpha * (rating_b - rating_a)))
-        delta = self.k * (_SCORE_A[_WINNER_CODES[winner]] - expected)
+        delta = elo_delta(rating_a, rating_b, float(SCORE_A[_WINNER_CODES[winner]]), self.k, self.scale)
         self.ratings[model_a] = rating_a + delta
         self.ratings[model_b] = rating_b - delta

@@ -9,6 +9,7 @@ import json
 import platform
 from pathlib import Path
 
+from ..proto.defaults import DEFAULT_GATEWAY_URL
 from . import prompts as prompt_sets
 from .runner import Target, run_level, table
 
@@ -24,7 +25,7 @@ def _positive_ints(text: str) -> list[int]:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="the endpoint's /v1 URL (default: %(default)s)")
+    p.add_argument("--base-url", default=DEFAULT_GATEWAY_URL, help="the endpoint's /v1 URL (default: %(default)s)")
     p.add_argument("--model", required=True, help="model name to request")
     p.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
     p.add_argument("--endpoint", choices=["chat", "completions"], default="chat")

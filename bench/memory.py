@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 
+from ..proto.defaults import DEFAULT_GATEWAY_URL
 from .prompts import synthetic
 from .runner import Target, run_level
 
@@ -39,7 +40,7 @@ async def burst_and_measure(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pid", type=int, required=True)
-    parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
+    parser.add_argument("--base-url", default=DEFAULT_GATEWAY_URL)
     parser.add_argument("--model", required=True)
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=16)

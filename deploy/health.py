@@ -25,6 +25,7 @@ import urllib.request
 from ..proto import subjects
 from ..proto.auth import NatsAuth
 from ..proto.bus import DEFAULT_URL
+from ..proto.connection import probe_consumer
 
 LOOKS = 3  # consumer look-ups before a consumer is called idle
 LOOK_INTERVAL = 1.0  # seconds between them: the job runner's longest fetch
@@ -41,26 +42,7 @@ def check_http(url: str) -> str | None:
 
 async def check_consumer(stream: str, name: str, url: str, auth: NatsAuth) -> str | None:
     """None when someone pulls from (or works on deliveries of) the durable `name`, else why not."""
-    import nats
-    from nats.js.errors import NotFoundError
-
-    role = auth.user or "admin"
-    nc = await nats.connect(url, connect_timeout=3, max_reconnect_attempts=0,
-                            **auth.connect_options(role))
-    try:
-        js = nc.jetstream(timeout=3)
-        for look in range(LOOKS):
-            try:
-                info = await js.consumer_info(stream, name)
-            except NotFoundError:
-                return f"no consumer {name} on {stream} yet"
-            if info.num_waiting or info.num_ack_pending:
-                return None
-            if look + 1 < LOOKS:
-                await asyncio.sleep(LOOK_INTERVAL)
-        return f"nobody pulls from {stream}/{name}"
-    finally:
-        await nc.close()
+    return await probe_consumer(url, auth, stream, name, looks=LOOKS, interval=LOOK_INTERVAL)
 
 
 def build_parser() -> argparse.ArgumentParser:

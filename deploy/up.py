@@ -88,7 +88,7 @@ async def run(args, stop: asyncio.Event) -> None:
         await asyncio.sleep(0.5)
         if not any(task.done() for task in tasks):
             arena_url = f"http://{_shown(arena_config.host)}:{arena_config.port}/" if arena_config else None
-            print_banner(gw_config, bus.nc.connected_url, [w[2].model_name for w in workers], joining, arena_url)
+            print_banner(gw_config, bus.connected_url, [w[2].model_name for w in workers], joining, arena_url)
         await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         stop.set()
         await asyncio.gather(*tasks)

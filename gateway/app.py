@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from ..proto.bus import Bus
+from ..proto.defaults import GATEWAY_PORT
 from .errors import APIError
 from .generations import Generations
-from .metrics import metrics, metrics_middleware, tracing_middleware
+from . import metrics
+from .metrics import metrics_middleware, tracing_middleware
 from .registry import Registry
 from .relay import Mailboxes
 from .routes import CONFIG, GENERATIONS, check_api_key, routes
@@ -23,7 +25,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class GatewayConfig:
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = GATEWAY_PORT
     api_keys: tuple[str, ...] = ()
     max_body_bytes: int = 4 * 1024 * 1024
     request_timeout: float = 600.0  # seconds a request may wait and run in all
@@ -74,6 +76,10 @@ async def auth_middleware(request: web.Request, handler):
     return await handler(request)
 
 
+async def metrics_page(request: web.Request) -> web.Response:
+    return await metrics.page(request.app.get(GENERATIONS))
+
+
 def create_app(bus: Bus, config: GatewayConfig) -> web.Application:
     app = web.Application(
         middlewares=[metrics_middleware, tracing_middleware, error_middleware, auth_middleware],
@@ -81,7 +87,7 @@ def create_app(bus: Bus, config: GatewayConfig) -> web.Application:
     )
     app[CONFIG] = config
     app.add_routes(routes)
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics", metrics_page)
 
     async def fabric(app: web.Application):
         registry = Registry(bus, config.liveness_timeout)

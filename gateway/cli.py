@@ -6,14 +6,14 @@ import argparse
 import asyncio
 import os
 
-from ..proto.auth import auth_from_args
-from ..proto.bus import DEFAULT_URL, BusConfig, connect
+from ..proto.bus import connect_from_args
+from ..proto.defaults import GATEWAY_PORT
 from .app import GatewayConfig, serve
 
 def add_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("gateway")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    g.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
+    g.add_argument("--port", type=int, default=GATEWAY_PORT, help="HTTP port (default: %(default)s)")
     g.add_argument(
         "--api-keys",
         default=os.environ.get("CHATFABRIC_API_KEYS", ""),
@@ -58,6 +58,5 @@ def config_from_args(args) -> GatewayConfig:
 async def run(args, stop: asyncio.Event) -> None:
     """Serve the OpenAI API on the fabric until `stop` is set."""
     config = config_from_args(args)
-    bus_config = BusConfig.from_env(url=args.nats_url or DEFAULT_URL)
-    async with connect(bus_config, "gateway", stop, auth=auth_from_args(args), role="gateway") as bus:
+    async with connect_from_args(args, "gateway", stop, role="gateway") as bus:
         await serve(bus, config, stop)

@@ -10,6 +10,8 @@ import logging
 import secrets
 import time
 import uuid
+from dataclasses import dataclass
+from enum import Enum
 from typing import AsyncIterator
 
 from ..proto import tracing
@@ -90,7 +92,7 @@ class Generations:
         )
 
     def _check_bus(self) -> None:
-        if self.bus.nc.is_closed:
+        if self.bus.closed:
             raise _bus_unavailable()
 
     async def choice_stream(
@@ -132,7 +134,7 @@ class Generations:
         finally:
             observed.end(relay.first_answer)
             self.mailboxes.close(request_id)
-            if not finished and not self.bus.nc.is_closed:
+            if not finished and not self.bus.closed:
                 with contextlib.suppress(Exception):  # best effort: the worker also has a deadline
                     await self.bus.publish_cancel(CancelMessage(request_id=request_id))
 
@@ -162,6 +164,26 @@ def _bus_unavailable() -> APIError:
                     code="bus_unavailable", retry_after=2)
 
 
+class Phase(Enum):
+    """Where a relayed request is, as the chunks of its worker show it."""
+
+    UNBOUND = "unbound"  # no worker has answered yet
+    BOUND = "bound"  # a worker took it; the ack subject of its delivery is not known yet
+    HOLDING = "holding"  # a worker holds it before its first token: watched, handed back if it dies
+    HANDED_BACK = "handed_back"  # its worker died before the first token; we naked the delivery
+    STARTED = "started"  # the first token came: watched for death and silence until the end
+
+
+@dataclass
+class _Binding:
+    """The worker a request is bound to, for one delivery attempt."""
+
+    worker: str
+    attempt: int
+    next_seq: int = 0  # the chunk expected next
+    ack_subject: str | None = None  # its delivery's, until the first token
+
+
 class _Relay:
     """One request's chunks in order, from the worker that serves it.
 
@@ -177,12 +199,8 @@ class _Relay:
         self.request_id = request_id
         self.box = box
         self.deadline = started_at + generations.request_timeout
-        self.worker: str | None = None
-        self.attempt = 0
-        self.started = False
-        self.ack_subject: str | None = None  # the bound delivery's, until its first token
-        self.handed_back = 0  # the attempt we naked because its worker died
-        self.next_seq = 0
+        self.phase = Phase.UNBOUND
+        self.bound: _Binding | None = None
         self.last_chunk = started_at
         self.first_answer: float | None = None  # when a worker first answered (it took the request)
         self.reconnects_at_start = generations.bus.reconnects
@@ -196,17 +214,24 @@ class _Relay:
             if self.first_answer is None:
                 self.first_answer = time.monotonic()
             if isinstance(chunk, HeartbeatChunk):
-                self.started = self.started or chunk.started
-                self.ack_subject = None if self.started else chunk.ack_subject
+                self._beat(chunk)
                 continue
             if isinstance(chunk, ErrorChunk):
-                if chunk.code == "worker_shutdown" and not self.started:
+                if chunk.code == "worker_shutdown" and self.phase is not Phase.STARTED:
                     continue  # handed back before its first token: another worker takes it
                 raise APIError(WORKER_ERRORS[chunk.code], chunk.message, param=chunk.param, code=chunk.code)
-            self.started = True
+            self.phase = Phase.STARTED
             yield chunk
             if isinstance(chunk, FinalChunk):
                 return
+
+    def _beat(self, chunk: HeartbeatChunk) -> None:
+        if chunk.started:
+            self.phase = Phase.STARTED
+        if self.phase in (Phase.STARTED, Phase.HANDED_BACK):
+            return
+        self.bound.ack_subject = chunk.ack_subject
+        self.phase = Phase.HOLDING if chunk.ack_subject is not None else Phase.BOUND
 
     async def _next(self):
         while True:
@@ -214,34 +239,32 @@ class _Relay:
             if now >= self.deadline:
                 raise APIError(504, f"The request did not complete within {self.g.request_timeout:.0f}s.",
                                code="timeout")
-            watching = self.started or self.ack_subject is not None
+            watching = self.phase in (Phase.STARTED, Phase.HOLDING)
             wait = min(self.deadline - now, LIVENESS_POLL) if watching else self.deadline - now
             try:
                 return await asyncio.wait_for(self.box.get(), timeout=max(wait, 0.0))
             except asyncio.TimeoutError:
-                if self.started:
+                if self.phase is Phase.STARTED:
                     self._check_worker_alive()
-                elif self.ack_subject is not None and self._worker_dead():
+                elif self.phase is Phase.HOLDING and self._worker_dead():
                     await self._hand_back()
 
     def _worker_dead(self) -> bool:
         registry = self.g.registry
-        silent = registry.silence(self.worker)
-        return silent is not None and silent > registry.liveness_timeout(self.worker)
+        silent = registry.silence(self.bound.worker)
+        return silent is not None and silent > registry.liveness_timeout(self.bound.worker)
 
     async def _hand_back(self) -> None:
         """The worker died before the first token: nak its delivery so that another worker gets
         the request now (JetStream would otherwise wait for ack_wait)."""
-        if self.handed_back == self.attempt:
-            return
-        self.handed_back = self.attempt
+        self.phase = Phase.HANDED_BACK  # once per attempt: a later attempt binds anew
         log.info("request %s: worker %s died before its first token; handing the request back",
-                 self.request_id, self.worker)
+                 self.request_id, self.bound.worker)
         with contextlib.suppress(Exception):
-            await self.g.bus.hand_back(self.ack_subject)
+            await self.g.bus.hand_back(self.bound.ack_subject)
 
     def _check_worker_alive(self) -> None:
-        silent = self.g.registry.silence(self.worker)
+        silent = self.g.registry.silence(self.bound.worker)
         if self._worker_dead():
             raise APIError(
                 504,
@@ -260,25 +283,27 @@ class _Relay:
     def _accept(self, chunk) -> bool:
         """Bind to the first worker that answers; drop chunks from anyone else. A seq gap fails
         the request rather than returning text with a hole."""
-        rebind = not self.started and chunk.attempt > self.attempt
-        if self.worker is not None and chunk.worker_id != self.worker and not rebind:
+        bound = self.bound
+        rebind = bound is not None and self.phase is not Phase.STARTED and chunk.attempt > bound.attempt
+        if bound is not None and chunk.worker_id != bound.worker and not rebind:
             self.dropped += 1
             if self.dropped == 1:
                 log.warning("request %s: dropped a chunk from %r, which does not serve it (bound to %r)",
-                            self.request_id, chunk.worker_id, self.worker)
+                            self.request_id, chunk.worker_id, bound.worker)
             return False
-        if self.worker is None or rebind:
-            self.worker, self.attempt, self.next_seq = chunk.worker_id, chunk.attempt, 0
-        if chunk.attempt != self.attempt:
+        if bound is None or rebind:
+            bound = self.bound = _Binding(chunk.worker_id, chunk.attempt)
+            self.phase = Phase.BOUND
+        if chunk.attempt != bound.attempt:
             return False  # a late chunk of an earlier attempt by the same worker
-        if chunk.seq != self.next_seq:
+        if chunk.seq != bound.next_seq:
             raise self._gap(chunk.seq)
-        self.next_seq += 1
+        bound.next_seq += 1
         self.last_chunk = time.monotonic()
         return True
 
     def _gap(self, got: int) -> APIError:
-        lost = f"expected chunk {self.next_seq}, got {got}"
+        lost = f"expected chunk {self.bound.next_seq}, got {got}"
         if self.g.bus.reconnects != self.reconnects_at_start:
             message = (f"Part of the token stream was lost while the connection to the message bus was "
                        f"re-established ({lost}).")

@@ -86,17 +86,16 @@ async def tracing_middleware(request: web.Request, handler):
         return response
 
 
-async def metrics(request: web.Request) -> web.Response:
-    from .routes import GENERATIONS
-
-    generations = request.app.get(GENERATIONS)
+async def page(generations) -> web.Response:
+    """The Prometheus page, its fabric gauges refreshed first (`generations`: None before the
+    gateway is on the bus)."""
     if generations is not None:
-        await _refresh_fabric_gauges(generations)
+        await refresh_fabric_gauges(generations)
     body = await asyncio.to_thread(generate_latest, REGISTRY)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-async def _refresh_fabric_gauges(generations) -> None:
+async def refresh_fabric_gauges(generations) -> None:
     """Workers alive per model from the registry; queue depth per model from its consumer."""
     served = generations.registry.models()
     for labels in list(WORKERS._metrics):

@@ -45,15 +45,9 @@ class Registry:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._beat_sub is not None:
-            with contextlib.suppress(Exception):
-                await self._beat_sub.unsubscribe()
+            await self._beat_sub.unsubscribe()
 
-    async def _on_beat(self, msg) -> None:
-        try:
-            alive = decode(AliveMessage, msg.data)
-        except MessageError as err:
-            log.debug("ignored liveness beat: %s", err)
-            return
+    async def _on_beat(self, alive: AliveMessage) -> None:
         self._beats[alive.worker_id] = time.monotonic()
 
     async def _watch_forever(self) -> None:

@@ -4,10 +4,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-
-from nats.aio.msg import Msg
 
 from ..proto import subjects
 from ..proto.bus import Bus
@@ -28,8 +25,7 @@ class Mailboxes:
 
     async def stop(self) -> None:
         if self._sub is not None:
-            with contextlib.suppress(Exception):  # a closed connection has no subscription left
-                await self._sub.unsubscribe()
+            await self._sub.unsubscribe()
 
     def open(self, request_id: str) -> tuple[str, asyncio.Queue]:
         box: asyncio.Queue = asyncio.Queue()
@@ -39,13 +35,12 @@ class Mailboxes:
     def close(self, request_id: str) -> None:
         self._boxes.pop(request_id, None)
 
-    async def _on_chunk(self, msg: Msg) -> None:
-        request_id = msg.subject.rsplit(".", 1)[-1]
+    async def _on_chunk(self, request_id: str, data: bytes) -> None:
         box = self._boxes.get(request_id)
         if box is None:
             return  # the request is gone (finished, cancelled or timed out)
         try:
-            chunk = decode_chunk(msg.data)
+            chunk = decode_chunk(data)
         except MessageError as err:
             log.warning("dropped chunk for %s: %s", request_id, err)
             return

@@ -1,9 +1,11 @@
 """OpenAI request bodies as pydantic models. Unknown fields are accepted and ignored; known
 fields are checked, and features the fabric does not implement are refused by name.
 
-The sampling fields are only typed here: their rules live in one place, `SamplingParams` in
-`proto/messages.py`, which `sampling()` builds (the gateway validates every choice's parameters
-before it publishes anything, so a bad value is a 400 naming its field, never a 500)."""
+The sampling fields and their rules come from `proto/messages.py: SamplingFields`; only the
+fields whose OpenAI shape differs from the bus's (`stop`, `logit_bias`, `stop_token_ids`) are
+typed here, and `sampling()` builds each choice's `SamplingParams` (the gateway validates every
+choice's parameters before it publishes anything, so a bad value is a 400 naming its field,
+never a 500)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..proto.messages import ChatMessage, ModelName, SamplingParams, Text, TokenId
+from ..proto.messages import ChatMessage, ModelName, SamplingFields, SamplingParams, Text, TokenId
 
 MAX_N = 16
 
@@ -21,7 +23,11 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Common(BaseModel):
+class _Common(SamplingFields):
+    """What every OpenAI body has: the model, choices, streaming, and the sampling fields
+    (`SamplingFields`; `top_k`, `min_tokens`, `repetition_penalty`, `ignore_eos` and
+    `stop_token_ids` are extensions vLLM understands too, sent with the SDK's extra_body)."""
+
     model_config = ConfigDict(extra="allow")
 
     model: ModelName
@@ -29,20 +35,9 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None
-    # Extensions also understood by vLLM (pass them with the SDK's extra_body):
-    top_k: int | None = None
-    min_tokens: int = 0
-    repetition_penalty: float | None = None
     stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
 
     @field_validator("logit_bias")
     @classmethod
@@ -66,21 +61,15 @@ class _Common(BaseModel):
         so the choices of one request differ while the whole request stays reproducible).
         Raises pydantic's ValidationError, located at the OpenAI field name."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
-        return SamplingParams(
-            max_tokens=self.effective_max_tokens(),
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            min_tokens=self.min_tokens,
-            repetition_penalty=self.repetition_penalty,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            seed=None if self.seed is None else self.seed + index,
-            stop=tuple(stop),
-            stop_token_ids=tuple(self.stop_token_ids or ()),
-            ignore_eos=self.ignore_eos,
-            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
-        )
+        shared = {name: getattr(self, name) for name in SamplingFields.model_fields}
+        return SamplingParams(**{
+            **shared,
+            "max_tokens": self.effective_max_tokens(),
+            "seed": None if self.seed is None else self.seed + index,
+            "stop": tuple(stop),
+            "stop_token_ids": tuple(self.stop_token_ids or ()),
+            "logit_bias": {int(k): v for k, v in (self.logit_bias or {}).items()},
+        })
 
     @property
     def include_usage(self) -> bool:

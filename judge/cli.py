@@ -11,15 +11,15 @@ import logging
 import os
 import re
 import sys
-import time
 from pathlib import Path
 
-from ..proto.auth import add_auth_args, auth_from_args
-from ..proto.bus import DEFAULT_URL, Bus, BusConfig, connect
-from ..proto.events import ConversationLog, JobCancel, JobProgress, JobResult, JudgeJob, Vote
+from ..proto.auth import add_auth_args
+from ..proto.bus import DEFAULT_URL, Bus, connect_from_args
+from ..proto.defaults import gateway_url
+from ..proto.events import ConversationLog, JobCancel, JobProgress, JudgeJob, Vote
+from ..proto.job_service import submit_and_follow
 from ..proto.jobs import until_stopped
 from ..proto.replay import replay
-from ..proto.subjects import job_events
 from .agreement import agreement_table, human_verdicts, judge_verdicts, match_question
 from .bench import Bench, bench_file_payload, bench_from_payload, load_bench, packaged_bench_text
 from .pipeline import Endpoints, Judging, check_references, collect, first_error, jsonl, summary_of
@@ -51,7 +51,7 @@ def add_args(parser: argparse.ArgumentParser, common=None) -> None:
     run.add_argument("--judge-model", required=True)
     run.add_argument("--mode", choices=MODES, default="single")
     run.add_argument("--baseline", help="the baseline model of --mode pairwise-baseline")
-    run.add_argument("--gateway-url", default=os.environ.get("CHATFABRIC_GATEWAY_URL", "http://127.0.0.1:8000/v1"),
+    run.add_argument("--gateway-url", default=gateway_url(),
                      help="where the models answer (default: $CHATFABRIC_GATEWAY_URL or %(default)s)")
     run.add_argument("--judge-base-url", help="the judge's OpenAI-compatible endpoint (default: the gateway)")
     run.add_argument("--judge-api-key", default=os.environ.get("CHATFABRIC_JUDGE_API_KEY"),
@@ -69,7 +69,8 @@ def add_args(parser: argparse.ArgumentParser, common=None) -> None:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     serve_p = sub.add_parser("serve", help="the judge service: take judge jobs from the fabric",
                              description="Consume judge jobs; run any number of these, they share every job.")
-    serve_p.add_argument("--gateway-url", default=os.environ.get("CHATFABRIC_GATEWAY_URL", "http://127.0.0.1:8000/v1"))
+    serve_p.add_argument("--gateway-url", default=gateway_url(),
+                         help="where the models answer (default: $CHATFABRIC_GATEWAY_URL or %(default)s)")
     serve_p.add_argument("--api-key", default=os.environ.get("CHATFABRIC_API_KEY"), help="the gateway's API key")
     serve_p.add_argument("--judge-api-key", default=os.environ.get("CHATFABRIC_JUDGE_API_KEY"))
     serve_p.add_argument("--capacity", type=int, default=4, help="questions worked on at once (default: %(default)s)")
@@ -107,10 +108,6 @@ async def run(args, stop: asyncio.Event) -> None:
     await command(args, stop)
 
 
-def _bus_config(args) -> BusConfig:
-    return BusConfig.from_env(url=args.nats_url or DEFAULT_URL)
-
-
 # -- serve ------------------------------------------------------------------------------------------
 
 
@@ -118,7 +115,7 @@ async def run_service(args, stop: asyncio.Event) -> None:
     config = ServiceConfig(gateway_url=args.gateway_url, gateway_api_key=args.api_key, judge_api_key=args.judge_api_key,
                            capacity=args.capacity, max_retries=args.max_retries, request_timeout=args.request_timeout,
                            shutdown_grace=args.shutdown_grace)
-    async with connect(_bus_config(args), "judge", stop, auth=auth_from_args(args), role="judge") as bus:
+    async with connect_from_args(args, "judge", stop, role="judge") as bus:
         await serve(bus, config, stop)
 
 
@@ -174,7 +171,7 @@ async def run_job(args, stop: asyncio.Event) -> None:
     if args.local:
         summary = await run_local(job, bench.subset(job.questions), folder, args, stop)
     else:
-        summary = await submit_and_follow(job, folder, args, stop)
+        summary = await submit(job, folder, args, stop)
     if summary is not None:
         print(format_summary(summary))
         print(f"\nResults: {folder}/ (summary.json, judgments.jsonl, answers.jsonl, table.txt, categories.png, report.html)")
@@ -223,21 +220,21 @@ def _bar(args, total: int | None, name: str):
     return tqdm(total=total, desc=name, unit="question", disable=args.no_progress, file=sys.stderr)
 
 
-async def submit_and_follow(job: JudgeJob, folder: Path, args, stop: asyncio.Event) -> dict | None:
+async def submit(job: JudgeJob, folder: Path, args, stop: asyncio.Event) -> dict | None:
     """Submit the job, show its progress, and on its result fetch and write its files. Ctrl-C
-    cancels the job."""
-    async with connect(_bus_config(args), "judge-run", stop, auth=auth_from_args(args), role=CLIENT_ROLE) as bus:
-        async with bus.follow_job_events(job_events(job.job_name), since=time.time()) as events:
-            await bus.publish_event(job)
-            bar = _bar(args, None, job.job_name)
-            try:
-                result = await _follow(events, bar, stop)
-            finally:
-                bar.close()
-            if result is None:
-                await bus.publish_event(JobCancel(job_id=job.job_name, kind="judge", reason="judge run was interrupted"))
-                print(f"cancelled {job.job_name}", file=sys.stderr)
-                return None
+    stops following; the job goes on (`chatfabric judge cancel NAME` cancels it)."""
+    async with connect_from_args(args, "judge-run", stop, role=CLIENT_ROLE) as bus:
+        bar = _bar(args, None, job.job_name)
+        try:
+            result = await submit_and_follow(bus, job, job.job_name, stop, on_progress=lambda e: _show(bar, e),
+                                             on_cancel=lambda e: print(f"the job was cancelled: {e.reason}",
+                                                                       file=sys.stderr))
+        finally:
+            bar.close()
+        if result is None:
+            print(f"stopped following judge job {job.job_name}, which goes on; "
+                  f"`chatfabric judge cancel {job.job_name}` cancels it", file=sys.stderr)
+            return None
         if not result.ok:
             print(f"judge job {job.job_name} failed: {result.error}", file=sys.stderr)
             raise SystemExit(1)
@@ -247,21 +244,11 @@ async def submit_and_follow(job: JudgeJob, folder: Path, args, stop: asyncio.Eve
     return summary
 
 
-async def _follow(events: asyncio.Queue, bar, stop: asyncio.Event) -> JobResult | None:
-    while True:
-        got = asyncio.ensure_future(events.get())
-        if not await until_stopped(got, stop):
-            return None
-        event = got.result()
-        if isinstance(event, JobProgress):
-            bar.total = event.total
-            bar.n = event.done
-            bar.set_postfix_str(event.message[:60])
-            bar.refresh()
-        elif isinstance(event, JobResult):
-            return event
-        elif isinstance(event, JobCancel):
-            print(f"the job was cancelled: {event.reason}", file=sys.stderr)
+def _show(bar, event: JobProgress) -> None:
+    bar.total = event.total
+    bar.n = event.done
+    bar.set_postfix_str(event.message[:60])
+    bar.refresh()
 
 
 # -- show, agreement, cancel ----------------------------------------------------------------------------------
@@ -283,7 +270,7 @@ async def show_agreement(args, stop: asyncio.Event) -> None:
     bench = (await asyncio.to_thread(load_bench, args.bench) if args.bench_file is None else
              bench_from_payload(args.bench, bench_file_payload(args.bench_file.read_text(), None)))
     judge = judge_verdicts(pair_rows(await asyncio.to_thread(read_judgment_files, args.files)))
-    async with connect(_bus_config(args), "judge-agreement", stop, auth=auth_from_args(args), role=CLIENT_ROLE) as bus:
+    async with connect_from_args(args, "judge-agreement", stop, role=CLIENT_ROLE) as bus:
         votes = await arena_votes(bus, bench)
     rows = agreement_table(judge, human_verdicts(votes))
     print(f"{len(votes)} arena votes on {bench.name} questions")
@@ -312,6 +299,6 @@ async def arena_votes(bus: Bus, bench: Bench) -> list[tuple]:
 
 
 async def cancel_job(args, stop: asyncio.Event) -> None:
-    async with connect(_bus_config(args), "judge-cancel", stop, auth=auth_from_args(args), role=CLIENT_ROLE) as bus:
+    async with connect_from_args(args, "judge-cancel", stop, role=CLIENT_ROLE) as bus:
         await bus.publish_event(JobCancel(job_id=args.name, kind="judge", reason=args.reason))
     print(f"cancel recorded for {args.name}")

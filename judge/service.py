@@ -1,8 +1,8 @@
 """`chatfabric judge serve`: the judge service. Run any number; they share every job.
 
 A submitted job (a `JudgeJob` on `jobs.judge`) is planned by whichever service pulls it: its
-questions are stored as the job's plan and it is fanned out into one part per question, also on
-`jobs.judge`, which every service pulls as it has room. A part does its question's work
+questions are stored as the job's plan and it is fanned out into one part per question (a
+`JudgeQuestion`, also on `jobs.judge`), which every service pulls as it has room. A part does its question's work
 (`pipeline.Judging`); the part that completes the last question collects every record and
 publishes the results. Parts never call `start()`: until a part returns, its message stays the
 stream's (kept alive by the runner), so a service that dies or is stopped leaves the part to
@@ -21,25 +21,25 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 
-from ..proto import tracing
 from ..proto.bus import Bus
-from ..proto.events import ArtifactRef, JobCancel, JobProgress, JobResult, JudgeJob
-from ..proto.jobs import Interrupt, Job, JobKind, JobRunner, Refuse, RunnerConfig
-from ..proto.subjects import JUDGE_BUCKET, job_cancel_subject
+from ..proto.defaults import DEFAULT_GATEWAY_URL
+from ..proto.events import ArtifactRef, JudgeJob, JudgeQuestion, JudgeWork
+from ..proto.job_service import JobService
+from ..proto.jobs import Job, JobSpec
+from ..proto.subjects import JUDGE_BUCKET
 from . import store as keys
 from .bench import Bench, bench_from_payload, load_bench
 from .pipeline import Endpoints, Judging, check_references, collect, jsonl, summary_of
 from .store import BusStore, RecordStore
 
 log = logging.getLogger(__name__)
-_tracer = tracing.tracer("chatfabric.judge")
 
-JUDGE_JOBS = JobKind("judge", JudgeJob, job_id=lambda job: job.id)
+JUDGE_JOB_SPEC = JobSpec("judge", JudgeWork, job_id=lambda work: work.id)
 
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    gateway_url: str = "http://127.0.0.1:8000/v1"
+    gateway_url: str = DEFAULT_GATEWAY_URL
     gateway_api_key: str | None = None
     judge_api_key: str | None = None
     capacity: int = 4  # parts at once
@@ -53,8 +53,8 @@ class ServiceConfig:
             raise ValueError("capacity must be at least 1, max_retries not negative, request_timeout positive")
 
 
-def submission(job: JudgeJob) -> str:
-    return job.part_of or job.id
+def job_of(work: JudgeJob | JudgeQuestion) -> JudgeJob:
+    return work.job if isinstance(work, JudgeQuestion) else work
 
 
 def flat_summary(summary: dict) -> dict:
@@ -72,35 +72,41 @@ def flat_summary(summary: dict) -> dict:
     return out
 
 
-class JudgeService:
+class JudgeService(JobService[JudgeJob | JudgeQuestion]):
+    kind = "judge"
+    spec = JUDGE_JOB_SPEC
+    span = "judge.job"
+
     def __init__(self, bus: Bus, config: ServiceConfig):
-        self.bus, self.config = bus, config
+        super().__init__(bus, config.capacity, config.shutdown_grace)
+        self.config = config
         self._limiters: dict[str, asyncio.Semaphore] = {}
         self._benches: dict[str, Bench] = {}  # by submission
 
     # -- a job's life ------------------------------------------------------------------------------
 
-    async def handle(self, job: Job[JudgeJob]) -> None:
-        body = job.body
-        attributes = {"chatfabric.job": body.job_name, "chatfabric.judge_model": body.judge_model,
-                      "chatfabric.part": body.part_of is not None, "chatfabric.delivery": job.delivery}
-        with _tracer.start_as_current_span("judge.job", attributes=attributes):
-            await self._handle(job, body)
+    def name(self, body: JudgeJob | JudgeQuestion) -> str:
+        return body.job_name
 
-    async def _handle(self, job: Job[JudgeJob], body: JudgeJob) -> None:
-        cancel = await self._cancel_of(body)
-        if cancel is not None:
-            await self._publish_cancelled(body, cancel.reason)
-            raise Refuse(f"cancelled: {cancel.reason}")
-        try:
-            if body.part_of is None:
-                await self._plan(body)
-            else:
-                await self._run_part(body)
-        except asyncio.CancelledError:
-            if job.interrupt is Interrupt.CANCEL:
-                await asyncio.shield(self._publish_cancelled(body, job.cancel_reason or "cancelled while running"))
-            raise
+    def submission(self, body: JudgeJob | JudgeQuestion) -> str:
+        return job_of(body).id
+
+    def submitted_at(self, body: JudgeJob | JudgeQuestion) -> float:
+        return job_of(body).at
+
+    def attributes(self, job: Job[JudgeJob | JudgeQuestion]) -> dict:
+        return {"chatfabric.judge_model": job_of(job.body).judge_model,
+                "chatfabric.part": isinstance(job.body, JudgeQuestion)}
+
+    def failure(self, job: Job[JudgeJob | JudgeQuestion]) -> str:
+        where = f" (question {job.body.question!r})" if isinstance(job.body, JudgeQuestion) else ""
+        return f"{type(job.error).__name__}: {job.error}{where}"
+
+    async def run(self, job: Job[JudgeJob | JudgeQuestion]) -> None:
+        if isinstance(job.body, JudgeQuestion):
+            await self._run_question(job.body)
+        else:
+            await self._plan(job.body)
 
     async def _plan(self, body: JudgeJob) -> None:
         store = BusStore(self.bus, body.job_name)
@@ -119,20 +125,21 @@ class JudgeService:
         if len(done) == len(planned):
             await self._finish(body, bench, store)
             return
-        part = body.model_copy(update={"bench_data": None, "bench_file": await self._bench_ref(body)})
+        planned_job = body.model_copy(update={"bench_data": None, "bench_file": await self._bench_ref(body)})
         for index, q in enumerate(bench.questions):
             if q.question_id not in done:
-                await self.bus.publish_event(part.model_copy(update={
-                    "id": f"{body.id}-p{index}", "part_of": body.id, "questions": (q.question_id,)}))
+                await self.bus.publish_event(JudgeQuestion(id=f"{body.id}-p{index}", job=planned_job,
+                                                           question=q.question_id))
         log.info("judge job %s: %d of %d questions to do, fanned out", body.job_name, len(planned) - len(done), len(planned))
 
-    async def _run_part(self, body: JudgeJob) -> None:
+    async def _run_question(self, part: JudgeQuestion) -> None:
+        body = part.job
         store = BusStore(self.bus, body.job_name)
         plan = await store.get(keys.PLAN_KEY)
         if plan is None:
             raise LookupError(f"job {body.job_name} has no plan: its parts cannot run")
         bench = (await self._bench(body)).subset(plan["questions"])
-        question = bench.question(body.questions[0])
+        question = bench.question(part.question)
         endpoints = self._endpoints(body)
         try:
             judging = Judging(body, bench, store, endpoints, self._limiter(body), by=self.config.service_id)
@@ -167,37 +174,12 @@ class JudgeService:
         return True
 
     async def _publish_result(self, body: JudgeJob, refs: list[ArtifactRef], summary: dict) -> None:
-        await self.bus.publish_event(JobResult(id=f"{submission(body)}-result", job_id=body.job_name, kind="judge",
-                                               ok=True, artifacts=tuple(refs), summary=flat_summary(summary)))
-
-    # -- hooks and cancels ---------------------------------------------------------------------------
-
-    async def on_failed(self, job: Job[JudgeJob]) -> None:
-        body = job.body
-        where = f" (question {body.questions[0]!r})" if body.part_of else ""
-        error = f"{type(job.error).__name__}: {job.error}{where}"
-        await self.bus.publish_event(JobResult(job_id=body.job_name, kind="judge", ok=False, error=error[:4000]))
-
-    async def on_dropped(self, job: Job[JudgeJob]) -> None:
-        await self._publish_cancelled(job.body, job.cancel_reason or f"job {job.state.value} before it ran")
-
-    @staticmethod
-    def cancels(job: Job[JudgeJob], cancel: JobCancel) -> bool:
-        """Whether `cancel` stops `job`: every part of the named judge job submitted before it."""
-        return cancel.kind == "judge" and job.body.job_name == cancel.job_id and job.body.at <= cancel.at
-
-    async def _cancel_of(self, body: JudgeJob) -> JobCancel | None:
-        cancel = await self.bus.last_event(JobCancel, job_cancel_subject(body.job_name))
-        return cancel if cancel is not None and cancel.kind == "judge" and cancel.at >= body.at else None
-
-    async def _publish_cancelled(self, body: JudgeJob, reason: str) -> None:
-        await self.bus.publish_event(JobResult(id=f"{submission(body)}-cancelled", job_id=body.job_name, kind="judge",
-                                               ok=False, error=f"cancelled: {reason}"))
+        await self.result(body, "result", ok=True, artifacts=tuple(refs), summary=flat_summary(summary))
 
     # -- helpers ---------------------------------------------------------------------------------------
 
     async def _bench(self, body: JudgeJob) -> Bench:
-        key = submission(body)
+        key = body.id
         if key not in self._benches:
             if body.bench_data is not None:
                 bench = bench_from_payload(body.bench, body.bench_data.encode())
@@ -205,7 +187,7 @@ class JudgeService:
                 bench = bench_from_payload(body.bench, await self.bus.get_artifact(body.bench_file))
             else:
                 bench = await asyncio.to_thread(load_bench, body.bench)
-            self._benches = {**dict(list(self._benches.items())[-15:]), key: bench.subset(body.questions if body.part_of is None else ())}
+            self._benches = {**dict(list(self._benches.items())[-15:]), key: bench.subset(body.questions)}
         return self._benches[key]
 
     async def _bench_ref(self, body: JudgeJob) -> ArtifactRef | None:
@@ -226,17 +208,11 @@ class JudgeService:
         return {qid for qid in question_ids if await store.exists(keys.done_key(qid))}
 
     async def _progress(self, body: JudgeJob, done: int, total: int, message: str) -> None:
-        await self.bus.publish_event(JobProgress(job_id=body.job_name, kind="judge", done=done, total=total,
-                                                 message=message))
+        await self.progress(body, done, total, message)
 
 
 async def serve(bus: Bus, config: ServiceConfig, stop: asyncio.Event) -> None:
     """Take judge jobs until `stop`; then hand back the parts not finished (another service
     resumes them)."""
-    service = JudgeService(bus, config)
-    runner = JobRunner(await bus.job_subscription("judge"), JUDGE_JOBS, service.handle,
-                       RunnerConfig(capacity=config.capacity, shutdown_grace=config.shutdown_grace),
-                       on_failed=service.on_failed, on_dropped=service.on_dropped)
-    async with bus.follow_job_events(JobCancel.SUBJECTS) as cancels:
-        log.info("judge service %s taking judge jobs (capacity %d)", config.service_id, config.capacity)
-        await runner.serve(stop, cancels, service.cancels)
+    log.info("judge service %s", config.service_id)
+    await JudgeService(bus, config).serve(stop)

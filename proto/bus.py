@@ -15,28 +15,28 @@ the process exits non-zero and its supervisor restarts it.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import datetime
-import hashlib
 import logging
-import os
-from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
 
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext, api
 from nats.js.errors import (APIError, BucketNotFoundError, NoStreamResponseError,
-                            NotFoundError, ObjectNotFoundError)
+                            NotFoundError)
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
-from . import contract, subjects
+from . import contract, reconcile, subjects
+from .bus_errors import BusLost, BusUnavailable, EventNotStored, PayloadTooLarge, QueueFull
+from .connection import ConnectionWatch, close_connection, open_connection
+from .objects import ObjectPlane
+from .pull import Pull
+from .bus_config import DEFAULT_URL, BusConfig
 from .auth import NatsAuth
 from .embedded import EmbeddedServer
-from .events import ArtifactRef, Event, job_event_model
+from .events import Event, job_event_model
 from .messages import AliveMessage, CancelMessage, GenerationRequest, MessageError, WorkerCard, decode, encode
 from .roles import role as find_role
 
@@ -44,93 +44,6 @@ log = logging.getLogger(__name__)
 
 # JetStream error code for "maximum messages per subject exceeded" (discard-new per subject).
 ERR_MAX_MSGS_PER_SUBJECT = 10077
-
-# Reading an artifact: seconds to wait for each chunk, and how many versions to try when the
-# object is replaced while it is read.
-_CHUNK_WAIT = 5.0
-_OBJECT_READ_ATTEMPTS = 5
-
-
-@dataclass(frozen=True)
-class BusConfig:
-    """Settings shared by every process on one fabric. `from_env` reads CHATFABRIC_* overrides.
-
-    The settings below `url`, `store_dir` and `server_order` shape the fabric's JetStream objects
-    (`proto/contract.py`); a process that ensures the contract brings the server in line with
-    them, so every such process of one fabric should be started with the same values."""
-
-    url: str | None = None  # one server, or a cluster's nodes separated by commas
-    store_dir: Path | None = None
-    server_order: str = "random"  # which listed node to try first: random (NATS' default) or listed
-    ack_wait: float = 30.0  # seconds a pulled, unstarted request stays un-acked before redelivery
-    max_deliver: int = -1  # unlimited: a request is redelivered until its deadline passes
-    queue_limit: int = 256  # requests waiting per model before the gateway answers 429
-    registry_ttl: float = 10.0  # seconds a worker card lives without a refresh
-    request_max_age: float = 3600.0
-    replicas: int = 1  # copies of every stream, bucket and object store: 3 on a cluster
-    duplicate_window: float = 120.0  # seconds within which a re-published Nats-Msg-Id is stored once
-    events_max_age: float = 7 * 86400.0  # seconds EVENTS keeps job progress and results; 0: forever
-    arena_max_age: float = 0.0  # seconds ARENA keeps votes and conversations; 0: forever
-
-    def __post_init__(self) -> None:
-        for name in ("ack_wait", "registry_ttl", "request_max_age", "duplicate_window"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.server_order not in ("random", "listed"):
-            raise ValueError(f"server_order must be 'random' or 'listed', got {self.server_order!r}")
-        if self.queue_limit < 1:
-            raise ValueError("queue_limit must be at least 1")
-        if self.max_deliver == 0 or self.max_deliver < -1:
-            raise ValueError("max_deliver must be -1 (unlimited) or at least 1")
-        if not 1 <= self.replicas <= 5:
-            raise ValueError(f"replicas must be between 1 and 5 (JetStream's limit), got {self.replicas}")
-        for name in ("request_max_age", "events_max_age", "arena_max_age"):
-            age = getattr(self, name)
-            if age < 0:
-                raise ValueError(f"{name} must be 0 (no limit) or positive, got {age}")
-            if 0 < age < self.duplicate_window:  # JetStream refuses such a stream
-                raise ValueError(f"duplicate_window ({self.duplicate_window:g} s) must not exceed {name} ({age:g} s)")
-
-    @classmethod
-    def from_env(cls, **overrides) -> "BusConfig":
-        values: dict = {"url": os.environ.get("NATS_URL") or None}
-        for f in fields(cls):
-            raw = os.environ.get(f"CHATFABRIC_{f.name.upper()}")
-            if raw is None or f.name == "url":
-                continue
-            try:
-                values[f.name] = Path(raw) if f.name == "store_dir" else type(getattr(cls, f.name))(raw)
-            except ValueError:
-                raise ValueError(f"CHATFABRIC_{f.name.upper()}={raw!r} is not a valid {f.name}") from None
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
-
-
-DEFAULT_URL = "nats://127.0.0.1:4222"  # where gateways and workers look when no URL is given
-
-
-class QueueFull(Exception):
-    """The model's request queue in the GEN stream is at its limit."""
-
-
-class PayloadTooLarge(Exception):
-    """The message is larger than the server's max_payload."""
-
-
-class BusUnavailable(Exception):
-    """JetStream did not answer in time: the server is restarting or unreachable."""
-
-
-class BusLost(ConnectionError):
-    """The NATS connection was closed for good (not a disconnect that reconnects)."""
-
-
-class EventNotStored(BusUnavailable):
-    """JetStream did not confirm an event: it must not be reported as saved."""
-
-
-class ArtifactMismatch(Exception):
-    """An artifact is missing, or its content is not what its reference pins."""
 
 
 class _Unconfirmed(Exception):
@@ -147,10 +60,20 @@ _STORE_TRANSIENT = (*_TRANSIENT, NoStreamResponseError)
 _EVENT_TRANSIENT = _STORE_TRANSIENT
 PUBLISH_RETRY_SECONDS = 5.0
 EVENT_RETRY_SECONDS = 3.0
-DRAIN_TIMEOUT = 5.0
 
 
-class Bus:
+class Subscription:
+    """A core NATS subscription the bus opened for a component: it can only be ended."""
+
+    def __init__(self, sub):
+        self._sub = sub
+
+    async def unsubscribe(self) -> None:
+        with contextlib.suppress(nats.errors.Error):  # a closed connection has none left
+            await self._sub.unsubscribe()
+
+
+class Bus(ObjectPlane):
     """An open NATS connection plus the JetStream handles of the contract."""
 
     def __init__(self, nc: NATS, config: BusConfig):
@@ -174,6 +97,16 @@ class Bus:
                 await callback()
             except Exception as err:  # one listener's failure must not stop the others
                 log.warning("reconnect listener failed: %s", err)
+
+    @property
+    def closed(self) -> bool:
+        """Closed for good (not reconnecting): nothing will be sent or received any more."""
+        return self.nc.is_closed
+
+    @property
+    def connected_url(self):
+        """The server this connection is on (a parsed URL), for people to read."""
+        return self.nc.connected_url
 
     @property
     def connected(self) -> bool:
@@ -200,7 +133,7 @@ class Bus:
     async def ensure(self, spec: contract.Spec) -> None:
         """Create one object of the contract, or bring the existing one in line with it:
         `contract.ContractMismatch` when JetStream cannot change the difference in place."""
-        await contract.ensure(self.js, spec)
+        await reconcile.ensure(self.js, spec)
 
     async def ensure_contract(self) -> None:
         """Ensure every stream, bucket and object store; one error lists every mismatch."""
@@ -225,12 +158,23 @@ class Bus:
                     "creates it; start one first") from None
         return self.registry
 
-    async def ensure_consumer(self, model: str) -> JetStreamContext.PullSubscription:
+    async def ensure_consumer(self, model: str) -> Pull:
         """Bind to (creating or updating if needed) the durable pull consumer shared by a model's
         workers; `contract.ContractMissing` when the GEN stream does not exist yet."""
-        spec = contract.gen_consumer(self.config, model)
+        return await self.pull(contract.gen_consumer(self.config, model), "generation")
+
+    async def pull(self, spec: contract.ConsumerSpec, name: str) -> Pull:
+        """Bind to (creating or updating if needed) the durable pull consumer `spec` declares."""
         await self.ensure(spec)
-        return await self.js.pull_subscribe_bind(spec.name, stream=spec.stream)
+        return Pull(await self.js.pull_subscribe_bind(spec.name, stream=spec.stream), name)
+
+    async def last_seq(self, stream: str) -> int:
+        """The sequence of the last message `stream` holds (0 when empty);
+        `contract.ContractMissing` when the stream does not exist."""
+        try:
+            return (await self.js.stream_info(stream)).state.last_seq
+        except NotFoundError:
+            raise contract.missing_stream(stream) from None
 
     async def model_was_served(self, model: str) -> bool:
         """True when some worker ever created this model's consumer (it outlives its workers)."""
@@ -304,106 +248,12 @@ class Bus:
         except nats.errors.ConnectionClosedError:
             raise EventNotStored(f"{type(event).__name__} {event.id}: the connection is closed") from None
 
-    async def _object_store(self, bucket: str) -> ObjectStore:
-        """One of the contract's object stores (`subjects.ARTIFACT_BUCKETS`), bound on first use."""
-        if bucket not in subjects.ARTIFACT_BUCKETS:
-            raise ValueError(f"no object store called {bucket!r} (the fabric's: {', '.join(subjects.ARTIFACT_BUCKETS)})")
-        if bucket not in self._stores:
-            try:
-                self._stores[bucket] = await self.js.object_store(bucket)
-            except BucketNotFoundError:
-                raise contract.ContractMissing(
-                    f"the '{bucket}' object store does not exist: a gateway creates it") from None
-        return self._stores[bucket]
-
-    async def put_artifact(self, bucket: str, name: str, data: bytes, description: str | None = None) -> ArtifactRef:
-        """Store `data` as `name` in `bucket` (replacing an older version) and return a reference
-        that pins this content by its sha256. A role writes only the bucket it owns."""
-        store = await self._object_store(bucket)
-        digest = hashlib.sha256(data).hexdigest()
-        await store.put(name, data, meta=api.ObjectMeta(name=name, description=description))
-        return ArtifactRef(bucket=bucket, name=name, digest=f"sha256:{digest}", size=len(data))
-
-    async def get_artifact(self, ref: ArtifactRef) -> bytes:
-        """The content `ref` points at; `ArtifactMismatch` when the stored object is not it (it
-        was replaced since, or damaged)."""
-        data = await self._read_object(ref.bucket, ref.name)
-        if data is None:
-            raise ArtifactMismatch(f"artifact {ref.name!r} is not in '{ref.bucket}'")
-        found = f"sha256:{hashlib.sha256(data).hexdigest()}"
-        if found != ref.digest or len(data) != ref.size:
-            raise ArtifactMismatch(f"artifact {ref.name!r} changed since it was referenced: "
-                                   f"{ref.digest} ({ref.size} bytes) wanted, {found} ({len(data)} bytes) stored")
-        return data
-
-    async def read_artifact(self, bucket: str, name: str) -> bytes | None:
-        """The current content stored as `name` in `bucket`, or None when there is none
-        (unpinned: for records a process keeps and finds again by name, such as a judge's answers)."""
-        return await self._read_object(bucket, name)
-
-    async def _read_object(self, bucket: str, name: str) -> bytes | None:
-        """Read `name` chunk by chunk, waiting at most `_CHUNK_WAIT` for each. nats-py's own
-        `ObjectStore.get` waits forever, and keeps its subscription, when the object is replaced
-        while it is read (the new version's `put` purges the old chunks): here such a read starts
-        over on the new version."""
-        store = await self._object_store(bucket)
-        nuid = None
-        for _ in range(_OBJECT_READ_ATTEMPTS):
-            try:
-                info = await store.get_info(name)
-            except ObjectNotFoundError:
-                return None
-            if info.nuid == nuid:  # the same version again: its chunks are gone, not replaced
-                break
-            nuid = info.nuid
-            if not info.size:
-                return b""
-            data = await self._read_chunks(info)
-            if data is not None:
-                return data
-        raise ArtifactMismatch(f"artifact {name!r} is damaged: its chunks could not be read "
-                               f"within {_CHUNK_WAIT:g} s each")
-
-    async def _read_chunks(self, info: api.ObjectInfo) -> bytes | None:
-        """The chunks of one version of an object, checked against its digest; None when a chunk
-        did not come within `_CHUNK_WAIT` (the version was replaced meanwhile, or is damaged)."""
-        sub = await self.js.subscribe(f"$O.{info.bucket}.C.{info.nuid}", ordered_consumer=True)
-        digest, parts = hashlib.sha256(), []
-        try:
-            while True:
-                try:
-                    msg = await sub.next_msg(timeout=_CHUNK_WAIT)
-                except nats.errors.TimeoutError:
-                    return None
-                digest.update(msg.data)
-                parts.append(msg.data)
-                if msg.metadata.num_pending == 0:
-                    break
-        finally:
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
-        wanted = base64.urlsafe_b64decode(info.digest.split("=", 1)[1]) if info.digest else None
-        if wanted is not None and digest.digest() != wanted:
-            raise ArtifactMismatch(f"artifact {info.name!r} is damaged: its chunks do not match its digest")
-        return b"".join(parts)
-
-    async def has_artifact(self, bucket: str, name: str) -> bool:
-        """Whether an object called `name` is stored in `bucket` (one lookup, its content not read)."""
-        store = await self._object_store(bucket)
-        try:
-            await store.get_info(name)
-            return True
-        except ObjectNotFoundError:
-            return False
-
     # -- the job plane: durable consumers on JOBS, job events on EVENTS ------------------------
 
-    async def job_subscription(self, kind: str) -> JetStreamContext.PullSubscription:
+    async def job_subscription(self, kind: str) -> Pull:
         """Bind to (creating if needed) the durable pull consumer shared by every runner of one
         job kind (`judge`, `train`); `contract.ContractMissing` when JOBS does not exist yet."""
-        spec = contract.job_consumer(self.config, kind)
-        await self.ensure(spec)
-        return await self.js.pull_subscribe_bind(spec.name, stream=spec.stream)
+        return await self.pull(contract.job_consumer(self.config, kind), kind)
 
     async def last_event(self, model: type[Event], subject: str) -> Event | None:
         """The last event stored on `subject` (None: none, or it does not validate)."""
@@ -466,14 +316,33 @@ class Bus:
     async def publish_alive(self, alive: AliveMessage) -> None:
         await self.nc.publish(subjects.alive_subject(alive.worker_id), encode(alive))
 
-    async def subscribe_cancels(self, callback):
-        return await self.nc.subscribe(subjects.cancel_wildcard(), cb=callback)
+    async def subscribe_cancels(self, on_cancel: Callable[[CancelMessage], Awaitable[None]]) -> Subscription:
+        """Every cancel, decoded; a malformed one is logged and dropped."""
+        return await self._subscribe(subjects.cancel_wildcard(), CancelMessage, on_cancel, logging.WARNING)
 
-    async def subscribe_alive(self, callback):
-        return await self.nc.subscribe(subjects.alive_wildcard(), cb=callback)
+    async def subscribe_alive(self, on_alive: Callable[[AliveMessage], Awaitable[None]]) -> Subscription:
+        """Every worker's liveness beats, decoded."""
+        return await self._subscribe(subjects.alive_wildcard(), AliveMessage, on_alive, logging.DEBUG)
 
-    async def subscribe_replies(self, gateway_id: str, callback):
-        return await self.nc.subscribe(f"{subjects.reply_prefix(gateway_id)}.*", cb=callback)
+    async def subscribe_replies(self, gateway_id: str,
+                                on_chunk: Callable[[str, bytes], Awaitable[None]]) -> Subscription:
+        """The chunks sent to this gateway's reply inboxes, as (request id, encoded chunk): the
+        relay decodes only those of requests it still waits for."""
+        async def deliver(msg) -> None:
+            await on_chunk(subjects.inbox_request_id(msg.subject), msg.data)
+
+        return Subscription(await self.nc.subscribe(f"{subjects.reply_prefix(gateway_id)}.*", cb=deliver))
+
+    async def _subscribe(self, subject: str, model, handler, level: int) -> Subscription:
+        async def deliver(msg) -> None:
+            try:
+                message = decode(model, msg.data)
+            except MessageError as err:
+                log.log(level, "ignored a malformed %s on %s: %s", model.__name__, msg.subject, err)
+                return
+            await handler(message)
+
+        return Subscription(await self.nc.subscribe(subject, cb=deliver))
 
     async def put_card(self, card: WorkerCard) -> None:
         await (await self.registry_bucket()).put(card.worker_id, encode(card))
@@ -482,77 +351,13 @@ class Bus:
         await (await self.registry_bucket()).delete(worker_id)
 
 
-@dataclass
-class ConnectionWatch:
-    """What the NATS client's callbacks tell the rest of the process: reconnections (to
-    `listeners`) and a close for good (to `on_lost`, unless we are closing it ourselves)."""
+def connect_from_args(args, name: str, stop: asyncio.Event | None = None, *, role: str):
+    """`connect` as a command's flags say: `--nats-url` (else $NATS_URL, else the local
+    server; a command never starts a server of its own) and the credential flags."""
+    from .auth import auth_from_args
 
-    name: str
-    on_lost: Callable[[str], None] | None = None
-    listeners: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
-    closing: bool = False
-
-
-def server_urls(url: str) -> list[str]:
-    """The servers of a URL that may list a cluster's nodes: `nats://a:4222,nats://b:4222`."""
-    urls = [part.strip() for part in url.split(",") if part.strip()]
-    if not urls:
-        raise ValueError(f"no NATS server in {url!r}")
-    return urls
-
-
-async def open_connection(url: str, watch: ConnectionWatch, **options) -> NATS:
-    """Connect with endless reconnects; a lost connection is logged, never fatal. `url` may list
-    several servers separated by commas (a cluster's nodes): the client connects to one, and on
-    losing it reconnects to another (and to nodes the cluster announces)."""
-    name = watch.name
-    nc = NATS()
-    servers = server_urls(url)
-
-    async def on_error(err: Exception) -> None:
-        log.warning("nats %s: %s", name, err)
-
-    async def on_disconnect() -> None:
-        if not (nc.is_closed or nc.is_draining):
-            log.warning("nats %s: disconnected from %s, reconnecting", name, url)
-
-    async def on_reconnect() -> None:
-        log.info("nats %s: reconnected", name)
-        for callback in watch.listeners:
-            await callback()
-
-    async def on_closed() -> None:
-        if not watch.closing and watch.on_lost is not None:
-            watch.on_lost(str(nc.last_error or "closed by the server"))
-
-    await nc.connect(
-        servers if len(servers) > 1 else servers[0],
-        name=name,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=1.0,
-        connect_timeout=5,
-        error_cb=on_error,
-        disconnected_cb=on_disconnect,
-        reconnected_cb=on_reconnect,
-        closed_cb=on_closed,
-        **options,
-    )
-    return nc
-
-
-async def close_connection(nc: NATS, watch: ConnectionWatch | None = None, timeout: float = DRAIN_TIMEOUT) -> None:
-    """Drain (deliver what is buffered, then close) within `timeout`; close at once otherwise."""
-    if watch is not None:
-        watch.closing = True
-    if nc.is_closed:
-        return
-    try:
-        await asyncio.wait_for(nc.drain(), timeout)
-    except Exception as err:  # draining a broken connection: closing is all that is left
-        log.debug("drain failed (%s); closing", err)
-    if not nc.is_closed:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(nc.close(), timeout)
+    return connect(BusConfig.from_env(url=args.nats_url or DEFAULT_URL), name, stop, auth=auth_from_args(args),
+                   role=role)
 
 
 @contextlib.asynccontextmanager

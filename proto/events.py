@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -26,6 +26,7 @@ from .subjects import (ARENA_STREAM, ARTIFACT_BUCKETS, CONVERSATION_PREFIX, EVEN
 EventId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
 ClientHash = Annotated[str, Field(max_length=128)]  # a salted hash of the client, never its address
 Winner = Literal["model_a", "model_b", "tie", "tie (bothbad)"]
+WINNERS: tuple[Winner, ...] = get_args(Winner)  # in this order: the arena's winner codes
 JobKind = Literal["judge", "train"]
 Scalar = float | int | str | bool
 JudgeMode = Literal["single", "pairwise-baseline", "pairwise-all"]
@@ -118,8 +119,7 @@ class JudgeJob(Event):
     The questions are the named `bench` (a set packaged with the judge) or, when `bench_data` or
     `bench_file` is set, that question file (FastChat's question.jsonl shape, references
     optional; `judge.bench.bench_file_payload`). A judge service
-    fans a job out into parts, one per question: the same job with `part_of` naming it and
-    `questions` holding the part's one question. `id` is one submission (its Nats-Msg-Id);
+    fans a job out into parts, one `JudgeQuestion` per question. `id` is one submission (its Nats-Msg-Id);
     `name` is the job: answers and judgments are stored under it, so a job submitted again
     under its name resumes where it stopped and redoes nothing. Progress, result and cancel
     events carry the name as their `job_id`. API keys never travel on the bus: each service
@@ -144,7 +144,6 @@ class JudgeJob(Event):
     judge_retries: int = Field(default=2, ge=0, le=10)  # more judge calls for an unparseable judgment
     seed: int = Field(default=0, ge=0, le=2**31 - 1)  # sampled answers are seeded from it
     name: EventId | None = None  # None: the id
-    part_of: EventId | None = None
 
     @property
     def job_name(self) -> str:
@@ -152,12 +151,10 @@ class JudgeJob(Event):
 
     @model_validator(mode="after")
     def _consistent(self) -> "JudgeJob":
-        if self.part_of is None and len(self.id) > MAX_JOB_ID:
+        if len(self.id) > MAX_JOB_ID:
             raise ValueError(f"a judge job id is at most {MAX_JOB_ID} characters, got {len(self.id)}")
         if self.bench_data is not None and self.bench_file is not None:
             raise ValueError("bench_data and bench_file: give one, not both")
-        if self.part_of is not None and len(self.questions) != 1:
-            raise ValueError("questions: a part of a judge job holds exactly one question")
         if len(set(self.models)) != len(self.models):
             raise ValueError("models: a model is named twice")
         if self.mode == "pairwise-baseline" and self.baseline is None:
@@ -172,6 +169,34 @@ class JudgeJob(Event):
 
     def subject(self) -> str:
         return JUDGE_JOBS
+
+
+class JudgeQuestion(Event):
+    """One question of a judge job (`job`, as planned: its question file stored as `bench_file`),
+    fanned out by the service that planned it on the job's subject, for any service to take.
+    Its `id` is `<job id>-p<index>`."""
+
+    STREAM: ClassVar[str] = JOBS_STREAM
+    SUBJECTS: ClassVar[str] = JUDGE_JOBS
+
+    job: JudgeJob
+    question: QuestionId
+
+    @property
+    def job_name(self) -> str:
+        return self.job.job_name
+
+    @model_validator(mode="after")
+    def _planned(self) -> "JudgeQuestion":
+        if self.job.bench_data is not None:
+            raise ValueError("job: a question's job points at its stored question file (bench_file), not inline data")
+        return self
+
+    def subject(self) -> str:
+        return JUDGE_JOBS
+
+
+JudgeWork = Annotated[JudgeJob | JudgeQuestion, Field(union_mode="smart")]  # what `jobs.judge` carries
 
 
 class TrainJob(Event):

@@ -57,14 +57,12 @@ class _Message(BaseModel):
     v: Literal[1] = SCHEMA_VERSION
 
 
-class SamplingParams(BaseModel):
-    """What the client asked of the sampler. `None` means: the model's default.
+class SamplingFields(BaseModel):
+    """The sampling fields an OpenAI body and a request on the bus share, each with its rule,
+    defined once: `SamplingParams` (the bus) and the gateway's request schema both take them
+    from here, and the arena checks its sliders with them. `None` means: the model's default."""
 
-    The one definition of the sampling fields and their rules: the gateway builds it from an
-    OpenAI body (so a bad value is a 400 naming the field), the worker decodes it from the bus,
-    and every backend reads the same resolved values (`worker/sampling.py: resolve`)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(allow_inf_nan=False)
 
     max_tokens: int | None = Field(default=None, ge=1, lt=INT64)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
@@ -75,11 +73,21 @@ class SamplingParams(BaseModel):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     seed: int | None = Field(default=None, ge=-INT64, lt=INT64)
+    ignore_eos: bool = False
+
+
+class SamplingParams(SamplingFields):
+    """What the client asked of the sampler, as a request carries it on the bus: the shared
+    fields and the stop conditions and logit bias in their bus shapes. The gateway builds it
+    from an OpenAI body (so a bad value is a 400 naming the field), the worker decodes it, and
+    every backend reads the same resolved values (`worker/params.py: resolve_sampling`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
     stop: tuple[Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)], ...] = Field(
         default=(), max_length=MAX_STOP
     )
     stop_token_ids: tuple[TokenId, ...] = Field(default=(), max_length=MAX_STOP_TOKEN_IDS)
-    ignore_eos: bool = False
     logit_bias: dict[TokenId, Annotated[float, Field(ge=-100.0, le=100.0)]] = Field(
         default_factory=dict, max_length=MAX_LOGIT_BIAS
     )
@@ -240,7 +248,7 @@ def encode(message: BaseModel) -> bytes:
     return message.model_dump_json(exclude_defaults=False).encode()
 
 
-def _explain(err: ValidationError) -> str:
+def explain(err: ValidationError) -> str:
     parts = []
     for e in err.errors(include_url=False):
         where = ".".join(str(p) for p in e["loc"]) or "message"
@@ -252,11 +260,11 @@ def decode(model: type[M], data: bytes) -> M:
     try:
         return model.model_validate_json(data)
     except ValidationError as err:
-        raise MessageError(f"invalid {model.__name__}: {_explain(err)}") from None
+        raise MessageError(f"invalid {model.__name__}: {explain(err)}") from None
 
 
 def decode_chunk(data: bytes) -> DeltaChunk | HeartbeatChunk | FinalChunk | ErrorChunk:
     try:
         return _CHUNK.validate_json(data)
     except ValidationError as err:
-        raise MessageError(f"invalid chunk: {_explain(err)}") from None
+        raise MessageError(f"invalid chunk: {explain(err)}") from None

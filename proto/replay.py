@@ -31,7 +31,7 @@ from nats.js.errors import NotFoundError
 from pydantic import BaseModel, ValidationError
 
 from .contract import missing_stream
-from .messages import _explain
+from .messages import explain
 
 if TYPE_CHECKING:
     from .bus import Bus
@@ -128,7 +128,7 @@ class Replay(Generic[M]):
                     try:
                         message = validate(msg.data)
                     except ValidationError as err:
-                        self._reject(Invalid(seq, at, msg.subject, _explain(err), msg.data))
+                        self._reject(Invalid(seq, at, msg.subject, explain(err), msg.data))
                     else:
                         self.delivered += 1
                         yield Replayed(seq, at, msg.subject, message)

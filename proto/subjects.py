@@ -139,6 +139,20 @@ def reply_inbox(gateway_id: str, request_id: str) -> str:
     return f"{reply_prefix(gateway_id)}.{request_id}"
 
 
+def inbox_request_id(inbox: str) -> str:
+    """The request a reply inbox belongs to (the inverse of `reply_inbox`)."""
+    return inbox.rsplit(".", 1)[-1]
+
+
+def arena_kind(subject: str) -> str | None:
+    """What an `ARENA` subject holds: "vote", "conv" (a conversation log) or "feedback"; None
+    for anything else."""
+    for kind, prefix in (("vote", VOTE_PREFIX), ("conv", CONVERSATION_PREFIX), ("feedback", FEEDBACK_PREFIX)):
+        if subject.startswith(f"{prefix}."):
+            return kind
+    return None
+
+
 def vote_subject(anonymous: bool) -> str:
     """Votes from anonymous battles and from named side-by-side chats stay apart: the
     leaderboard counts only the former, and a replay filters on the subject alone."""

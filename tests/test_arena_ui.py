@@ -1,4 +1,4 @@
-"""The arena's handlers (arena/ui.py, session.py, client.py) without a browser: the rules alone,
+"""The arena's handlers (arena/handlers.py, session.py, client.py) without a browser: the rules alone,
 then whole rounds in this test's event loop against a real nats-server, the real gateway and two
 synthetic workers ('syn-a', 'syn-b'), with the official `openai` SDK inside `arena.client`.
 The browser test (test_arena_browser.py) plays the same through the page on the real model."""
@@ -19,7 +19,8 @@ from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chatfabric.arena import ui
+from chatfabric.arena.config import ArenaConfig, add_args
+from chatfabric.arena.handlers import HIDDEN, VOTES, Arena
 from chatfabric.arena.client import Gateway, describe, draw_pair
 from chatfabric.arena.session import Sampling, Limits, LimitReached, RateLimiter, Round, Side, Turn, client_id
 from chatfabric.gateway.app import GatewayConfig, create_app
@@ -136,7 +137,7 @@ def test_connection_errors_name_the_gateway():
 ])
 def test_bad_flags_are_refused_by_name(argv, error, capsys):
     parser = argparse.ArgumentParser()
-    ui.add_args(parser)
+    add_args(parser)
     with pytest.raises(SystemExit):
         parser.parse_args(argv)
     assert error in capsys.readouterr().err
@@ -166,7 +167,7 @@ async def arena_on(url: str, tokenizer, models_served=("syn-a", "syn-b"), **conf
         gateway = Gateway(str(server.make_url("/v1")), None, timeout=30)
         stack.push_async_callback(gateway.close)
         await wait_until(lambda: models(gateway.client), set(models_served))
-        yield ui.Arena(arena_bus, gateway, ui.ArenaConfig(sampling=Sampling(max_tokens=8), **config)), arena_bus
+        yield Arena(arena_bus, gateway, ArenaConfig(sampling=Sampling(max_tokens=8), **config)), arena_bus
 
 
 async def last(generator):
@@ -189,7 +190,7 @@ async def test_a_battle_hides_the_models_until_the_vote_is_stored(nats_server, t
         view = await last(arena.send("Hello there", None, None, None))
         rnd, chat_a, chat_b, names, status = view[:5]
         assert rnd.anonymous and {s.model for s in rnd.sides} == {"syn-a", "syn-b"}
-        assert names == ui.HIDDEN and "syn-" not in repr(view[1:6])
+        assert names == HIDDEN and "syn-" not in repr(view[1:6])
         assert interactive(view) == [True] * 4, (status, [s.turns for s in rnd.sides])
         assert chat_a[-1]["content"].strip() and chat_b[-1]["content"].strip()
 
@@ -332,7 +333,7 @@ async def test_any_direct_chat_input_gets_an_answer_or_a_reason(open_arena, text
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=st.text(max_size=400), a=st.one_of(st.just("syn-a"), st.text(max_size=300)),
-       b=st.one_of(st.just("syn-b"), st.text(max_size=300)), winner=st.sampled_from([w for _, w in ui.VOTES]))
+       b=st.one_of(st.just("syn-b"), st.text(max_size=300)), winner=st.sampled_from([w for _, w in VOTES]))
 async def test_any_side_by_side_input_gets_answers_or_a_reason(open_arena, text, a, b, winner):
     arena, bus = open_arena
     view = await last(arena.send(text, None, (a, b), None))

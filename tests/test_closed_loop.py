@@ -11,7 +11,8 @@ import json
 import random
 import subprocess
 
-from chatfabric.arena import ui
+from chatfabric.arena.config import ArenaConfig
+from chatfabric.arena.handlers import Arena
 from chatfabric.arena.client import Gateway, draw_pair
 from chatfabric.arena.session import Sampling, Limits
 from chatfabric.proto.bus import BusConfig, connect
@@ -74,7 +75,7 @@ async def play_in_the_arena(url: str, gateway_url: str) -> dict:
     """Battles between the base and the new model through the Arena's handlers, voted on."""
     async with connect(BusConfig.from_env(url=url), "test-arena", role="arena") as bus:
         gateway = Gateway(f"{gateway_url}/v1", None, timeout=240)
-        arena = ui.Arena(bus, gateway, ui.ArenaConfig(sampling=Sampling(max_tokens=6, temperature=0.0),
+        arena = Arena(bus, gateway, ArenaConfig(sampling=Sampling(max_tokens=6, temperature=0.0),
                                                       limits=Limits(rounds_per_minute=100, votes_per_minute=100)))
         try:
             live = await gateway.models()

@@ -48,7 +48,8 @@ import pytest
 from nats.js.errors import APIError
 
 from chatfabric.proto.auth import NatsAuth, password_env
-from chatfabric.proto.bus import BusConfig, EventNotStored, connect, server_urls
+from chatfabric.proto.bus import BusConfig, EventNotStored, connect
+from chatfabric.proto.connection import server_urls
 from chatfabric.proto.embedded import free_port
 from chatfabric.proto.events import Vote
 from chatfabric.proto.replay import replay

@@ -17,7 +17,7 @@ from chatfabric.worker.backend import Sampling
 from chatfabric.worker.engine import BatchEngine, KVCacheFull, TooLargeForCache
 from chatfabric.worker.hf import HFBackend
 from chatfabric.worker.prompting import PromptBuilder
-from chatfabric.worker.sampling import resolve
+from chatfabric.worker.params import resolve_sampling
 from chatfabric.worker.slots import SlotEngine
 
 QUESTIONS = [
@@ -71,7 +71,7 @@ async def until_idle(engine, budget: int, timeout: float = 30.0) -> None:
 
 
 def sampling(backend, **params):
-    return resolve(SamplingParams(**params), room=4000, eos_token_ids=backend.eos_token_ids, defaults={})
+    return resolve_sampling(SamplingParams(**params), room=4000, eos_token_ids=backend.eos_token_ids, defaults={})
 
 
 async def tokens(engine, ids, s, delay=0.0):

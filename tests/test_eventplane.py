@@ -19,8 +19,10 @@ from nats.js import api
 
 from chatfabric.proto import contract, roles, subjects
 from chatfabric.proto import replay as replay_module
-from chatfabric.proto.bus import ArtifactMismatch, Bus, BusConfig, EventNotStored, connect
-from chatfabric.proto.contract import ContractMismatch, ContractMissing, StreamSpec, build_contract, differences
+from chatfabric.proto.bus import Bus, BusConfig, EventNotStored, connect
+from chatfabric.proto.bus_errors import ArtifactMismatch
+from chatfabric.proto.contract import ContractMismatch, ContractMissing, StreamSpec, build_contract
+from chatfabric.proto.reconcile import differences
 from chatfabric.proto.embedded import EmbeddedServer, free_port
 from chatfabric.proto.events import ConversationLog, JobProgress, Vote
 from chatfabric.proto.messages import ChatMessage

@@ -18,7 +18,8 @@ from chatfabric.proto.bus import BusConfig, BusLost, connect
 from chatfabric.proto.embedded import EmbeddedServer, free_port
 from chatfabric.proto.messages import DeltaChunk
 from chatfabric.worker.prompting import PromptBuilder
-from chatfabric.worker.service import Worker, WorkerConfig
+from chatfabric.worker.config import WorkerConfig
+from chatfabric.worker.service import Worker
 from chatfabric.worker.synthetic import SyntheticBackend
 
 FAST = BusConfig(ack_wait=2.0, registry_ttl=2.0)

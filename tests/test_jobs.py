@@ -20,7 +20,9 @@ from pydantic import BaseModel
 
 from chatfabric.proto.embedded import EmbeddedServer, free_port
 from chatfabric.proto.events import JobCancel
-from chatfabric.proto.jobs import HandBack, Interrupt, Job, JobKind, JobRunner, JobState, Refuse, RunnerConfig
+from chatfabric.proto.pull import Pull
+from chatfabric.proto.job_runner import JobRunner
+from chatfabric.proto.jobs import HandBack, Interrupt, Job, JobSpec, JobState, Refuse, RunnerConfig
 
 ACK_WAIT = 1.0  # seconds: short, so that a redelivery (or its absence) shows within the test
 FETCH_TIMEOUT = 0.3
@@ -33,7 +35,7 @@ class Task(BaseModel):
     deadline: float | None = None
 
 
-KIND = JobKind("test", Task, job_id=lambda task: task.id, deadline=lambda task: task.deadline)
+KIND = JobSpec("test", Task, job_id=lambda task: task.id, deadline=lambda task: task.deadline)
 _numbers = itertools.count()
 
 
@@ -100,7 +102,7 @@ class Queue:
     async def subscribe(self, nc=None):
         js = (nc or self.nc).jetstream()
         config = api.ConsumerConfig(ack_policy=api.AckPolicy.EXPLICIT, ack_wait=self.ack_wait)
-        return await js.pull_subscribe(self.subject, durable=self.durable, stream=self.stream, config=config)
+        return Pull(await js.pull_subscribe(self.subject, durable=self.durable, stream=self.stream, config=config), "test")
 
     async def publish(self, *tasks: Task | bytes) -> None:
         for task in tasks:

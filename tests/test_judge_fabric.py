@@ -15,7 +15,6 @@ import time
 
 import pytest
 import pytest_asyncio
-from nats.js import api
 
 from chatfabric.judge.store import done_key
 from chatfabric.proto import subjects

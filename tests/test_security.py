@@ -161,14 +161,14 @@ async def test_gateway_and_worker_serve_a_request(planes, join):
     assert await gw_bus.model_was_served(MODEL)
     await gateway.js.publish(subjects.gen_subject(MODEL), b"request r1", headers={"Nats-Msg-Id": "r1"})
     await gateway.js.publish(subjects.gen_subject(MODEL), b"request r2", headers={"Nats-Msg-Id": "r2"})
-    first, second = await psub.fetch(2, timeout=5)
+    first, second = await psub.fetch(2, 5)
     await first.in_progress()
     await first.ack()
     # the worker dies before starting r2: the gateway hands it back with the ack subject the
     # worker's heartbeat carried, and JetStream redelivers it at once
-    assert await gw_bus.hand_back(second.reply)
-    (again,) = await psub.fetch(1, timeout=5)
-    assert again.data == b"request r2" and again.metadata.num_delivered == 2
+    assert await gw_bus.hand_back(second.ack_subject)
+    (again,) = await psub.fetch(1, 5)
+    assert again.data == b"request r2" and again.delivered == 2
     await again.term()
 
     await worker.nc.publish(subjects.reply_inbox("g1", "r1"), b"delta")

@@ -20,7 +20,8 @@ from chatfabric.proto.embedded import EmbeddedServer, free_port
 from chatfabric.proto.events import ConversationLog, Vote
 from chatfabric.proto.messages import ChatMessage
 from chatfabric.proto.templates import PromptBuilder
-from chatfabric.trainer import data_cli
+from chatfabric.trainer.data_tools import check, clean, from_arena, masks, split
+from chatfabric.trainer.data_tools.records import scan
 from chatfabric.trainer.data import load_conversations
 from chatfabric.trainer.masks import IGNORE, Sample, render_with_mask, trained_text
 from chatfabric.trainer.sft import build_samples
@@ -119,8 +120,8 @@ def test_check_never_crashes_and_errors_name_a_line(lines):
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "data.jsonl"
         path.write_text("\n".join(lines), encoding="utf-8")
-        records = data_cli.scan(path)
-        data_cli.check([path], out=open(os.devnull, "w"))
+        records = scan(path)
+        check.check([path], out=open(os.devnull, "w"))
     text_lines = "\n".join(lines).split("\n")
     filled = {n for n, line in enumerate(text_lines, start=1) if line.strip()}
     for record in records:
@@ -169,11 +170,11 @@ def test_clean_removes_what_it_says(tmp_path, capsys):
 
 
 def test_script_filter():
-    latin = data_cli.parse_scripts("latin")
-    assert data_cli.script_share("Hello, world", latin) == 1.0
-    assert data_cli.script_share("Привет", latin) == 0.0
-    assert data_cli.script_share("123 !", latin) == 1.0  # no letters: nothing to judge
-    assert data_cli.script_share("日本語とカナ", data_cli.parse_scripts("japanese")) == 1.0
+    latin = clean.parse_scripts("latin")
+    assert clean.script_share("Hello, world", latin) == 1.0
+    assert clean.script_share("Привет", latin) == 0.0
+    assert clean.script_share("123 !", latin) == 1.0  # no letters: nothing to judge
+    assert clean.script_share("日本語とカナ", clean.parse_scripts("japanese")) == 1.0
 
 
 # --- split ---------------------------------------------------------------------------------------------------------
@@ -224,7 +225,7 @@ def test_split_points_are_as_long_as_they_can_be(tmp_path, prompts):
     turns = [w for n in range(6) for w in (f"Question number {n}?", "An answer " + "word " * n)]
     messages = load_conversations(write_jsonl(tmp_path / "d.jsonl", [openai("x", *turns, "trailing")]))[0].messages
     for limit in (60, 80, 120):
-        pieces, too_long = data_cli.split_points(prompts, messages, limit)
+        pieces, too_long = split.split_points(prompts, messages, limit)
         assert too_long == 0
         assert [i for p in pieces for i in p] == list(range(len(messages)))
         for piece, after in zip(pieces, pieces[1:]):
@@ -300,7 +301,7 @@ def test_masks_cut_skips_and_colour(tmp_path, capsys, model_dir):
     assert status == 0
     assert [r["id"] for r in read_jsonl(out)] == ["a"]
     assert text.splitlines()[0] == f"{out}: 1 samples kept, skipped: 1 cut by max_length (e.g. record b)"
-    assert f"{data_cli.TRAINED_ON}Hello!<|im_end|>{data_cli.TRAINED_OFF}" in text
+    assert f"{masks.TRAINED_ON}Hello!<|im_end|>{masks.TRAINED_OFF}" in text
 
 
 # --- from-arena ----------------------------------------------------------------------------------------------------
@@ -332,9 +333,9 @@ async def test_from_arena_exports_conversations_and_pairs(tmp_path):
             await battle(bus, "v3", "Hi", "Hello", "Hey", "tie")                 # no preference
             await battle(bus, "v4", "Best colour?", "Blue", "Red", "model_a", anonymous=False)  # named
             await bus.publish_event(ConversationLog(id="direct", model="alpha", messages=(m("user", "Yo"),)))
-            winners, unusable = await data_cli.arena_conversations(bus, winners=True, anonymous_only=False)
+            winners, unusable = await from_arena.arena_conversations(bus, winners=True, anonymous_only=False)
             assert [r["id"] for r in winners] == ["v1-a", "v2-b", "v4-a"] and unusable == 0
-            anonymous, _ = await data_cli.arena_conversations(bus, winners=True, model="beta")
+            anonymous, _ = await from_arena.arena_conversations(bus, winners=True, model="beta")
             assert [r["id"] for r in anonymous] == ["v2-b"]
         pairs = cli("from-arena", "--pairs", "--output", str(tmp_path / "pairs.jsonl"), "--nats-url", server.url)
         conversations = cli("from-arena", "--output", str(tmp_path / "all.jsonl"), "--nats-url", server.url)

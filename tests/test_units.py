@@ -33,11 +33,11 @@ from chatfabric.worker.sampling import (
     apply_presence_frequency,
     apply_repetition_penalty,
     process_logits,
-    resolve,
     sample,
     top_k_filter,
     top_p_filter,
 )
+from chatfabric.worker.params import resolve_sampling
 from chatfabric.worker.textstream import IncrementalDetokenizer, StopMatcher
 
 # -- subjects ---------------------------------------------------------------------------------
@@ -198,11 +198,11 @@ def test_seeded_sampling_is_reproducible():
 
 
 def test_resolve_defaults_and_clamps():
-    s = resolve(SamplingParams(max_tokens=500, stop_token_ids=(7,)), room=100, eos_token_ids=frozenset({2}),
+    s = resolve_sampling(SamplingParams(max_tokens=500, stop_token_ids=(7,)), room=100, eos_token_ids=frozenset({2}),
                 defaults={"temperature": 0.6})
     assert s.max_tokens == 100 and s.temperature == 0.6 and s.top_p == 1.0
     assert s.stop_token_ids == frozenset({2, 7})
-    s = resolve(SamplingParams(temperature=0, ignore_eos=True, top_k=-1), room=10, eos_token_ids=frozenset({2}),
+    s = resolve_sampling(SamplingParams(temperature=0, ignore_eos=True, top_k=-1), room=10, eos_token_ids=frozenset({2}),
                 defaults={})
     assert s.max_tokens == 10 and s.greedy and s.stop_token_ids == frozenset() and s.top_k == 0
 

@@ -12,11 +12,10 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from ..proto.auth import auth_from_args
-from ..proto.bus import DEFAULT_URL, BusConfig, connect
-from ..proto.events import JobCancel, JobProgress, JobResult, TrainJob
-from ..proto.jobs import until_stopped
-from ..proto.subjects import TRAINING_BUCKET, job_events
+from ..proto.bus import connect_from_args
+from ..proto.events import JobCancel, JobProgress, TrainJob
+from ..proto.job_service import submit_and_follow
+from ..proto.subjects import TRAINING_BUCKET
 from .progress import Hooks, Progress, Stopped
 from .settings import TrainSettings
 
@@ -83,8 +82,7 @@ def method_of(args) -> str:
 
 
 def _bus(args):
-    return connect(BusConfig.from_env(url=args.nats_url or DEFAULT_URL), "train", auth=auth_from_args(args),
-                   role="trainer")
+    return connect_from_args(args, "train", role="trainer")
 
 
 async def run(args, stop: asyncio.Event) -> None:
@@ -175,33 +173,21 @@ async def submit(args, settings: TrainSettings, data: Path, stop: asyncio.Event)
         job = TrainJob(id=job_id, base_model=args.model_path, data=data_ref, eval_data=eval_ref,
                        output_model=args.publish_as or f"{Path(args.model_path).name}-{settings.method}-{job_id[:8]}",
                        method=settings.method, params=settings.to_params())
-        async with bus.follow_job_events(job_events(job.id), since=job.at - 1) as events:
-            await bus.publish_event(job)
-            print(f"submitted train job {job.id}: {job.output_model}")
-            following = asyncio.ensure_future(follow(events))
-            if not await until_stopped(following, stop):
-                print(f"stopped following train job {job.id}, which goes on; "
-                      f"`chatfabric train cancel {job.id}` stops it")
-                return
-            result = following.result()
+        print(f"submitted train job {job.id}: {job.output_model}")
+        bar = ProgressBar()
+        try:
+            result = await submit_and_follow(bus, job, job.id, stop, on_progress=bar.update_event)
+        finally:
+            bar.close()
+        if result is None:
+            print(f"stopped following train job {job.id}, which goes on; "
+                  f"`chatfabric train cancel {job.id}` stops it")
+            return
     if not result.ok:
         raise ValueError(f"train job {job.id} failed: {result.error}")
     ref = result.artifacts[0]
     print(f"published artifact://{job.output_model} ({ref.digest}, {ref.size:,} bytes): "
           + ", ".join(f"{k} {v}" for k, v in result.summary.items()))
-
-
-async def follow(events: asyncio.Queue) -> JobResult:
-    bar = ProgressBar()
-    try:
-        while True:
-            event = await events.get()
-            if isinstance(event, JobResult):
-                return event
-            if isinstance(event, JobProgress):
-                bar.update_event(event)
-    finally:
-        bar.close()
 
 
 class ProgressBar:

@@ -7,8 +7,7 @@ import asyncio
 from pathlib import Path
 from typing import Callable
 
-from ..proto.auth import auth_from_args
-from ..proto.bus import DEFAULT_URL, BusConfig, connect
+from ..proto.bus import connect_from_args
 
 
 def add_args(p: argparse.ArgumentParser, common: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -27,6 +26,5 @@ async def run(args, stop: asyncio.Event) -> None:
     config = ServiceConfig(shutdown_grace=args.shutdown_grace)
     if args.work_dir:
         config = ServiceConfig(work_dir=Path(args.work_dir), shutdown_grace=args.shutdown_grace)
-    bus_config = BusConfig.from_env(url=args.nats_url or DEFAULT_URL)
-    async with connect(bus_config, "trainer", stop, auth=auth_from_args(args), role="trainer") as bus:
+    async with connect_from_args(args, "trainer", stop, role="trainer") as bus:
         await serve(bus, config, stop)

@@ -21,20 +21,19 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..proto import tracing
 from ..proto.bus import Bus
-from ..proto.events import JobCancel, JobProgress, JobResult, TrainJob
-from ..proto.jobs import Interrupt, Job, JobKind, JobRunner, Refuse, RunnerConfig
-from ..proto.subjects import job_cancel_subject, result_subject
+from ..proto.events import JobResult, TrainJob
+from ..proto.job_service import JobService
+from ..proto.jobs import Interrupt, Job, JobSpec
+from ..proto.subjects import result_subject
 from .progress import Hooks, Progress
 from .publish import fetch_checkpoint, publish_model, store_checkpoint, write_card
 from .settings import TrainSettings
 from .sft import RunSpec
 
 log = logging.getLogger(__name__)
-_tracer = tracing.tracer("chatfabric.trainer")
 
-TRAIN_JOBS = JobKind("train", TrainJob, job_id=lambda job: job.id)
+TRAIN_JOB_SPEC = JobSpec("train", TrainJob, job_id=lambda job: job.id)
 CHECKPOINT_STORE_TIMEOUT = 300.0
 
 
@@ -57,32 +56,20 @@ def resolve_base_model(name: str) -> Path:
     return path
 
 
-class TrainerService:
+class TrainerService(JobService[TrainJob]):
+    kind = "train"
+    spec = TRAIN_JOB_SPEC
+    span = "train.job"
+
     def __init__(self, bus: Bus, config: ServiceConfig):
-        self.bus, self.config = bus, config
+        super().__init__(bus, config.capacity, config.shutdown_grace)
+        self.config = config
 
-    async def handle(self, job: Job[TrainJob]) -> None:
+    def attributes(self, job: Job[TrainJob]) -> dict:
+        return {"chatfabric.method": job.body.method, "chatfabric.output_model": job.body.output_model}
+
+    async def run(self, job: Job[TrainJob]) -> None:
         body = job.body
-        attributes = {"chatfabric.job": body.id, "chatfabric.method": body.method,
-                      "chatfabric.output_model": body.output_model, "chatfabric.delivery": job.delivery}
-        with _tracer.start_as_current_span("train.job", attributes=attributes):
-            await self._handle(job, body)
-
-    async def _handle(self, job: Job[TrainJob], body: TrainJob) -> None:
-        if await self._finished(body):
-            return
-        cancel = await self.bus.last_event(JobCancel, job_cancel_subject(body.id))
-        if cancel is not None and self.cancels(job, cancel):
-            await self._publish_cancelled(body, cancel.reason)
-            raise Refuse(f"cancelled: {cancel.reason}")
-        try:
-            await self._run(job, body)
-        except asyncio.CancelledError:
-            if job.interrupt is Interrupt.CANCEL:
-                await asyncio.shield(self._publish_cancelled(body, job.cancel_reason or "cancelled while training"))
-            raise
-
-    async def _run(self, job: Job[TrainJob], body: TrainJob) -> None:
         settings = TrainSettings.from_params(body.method, dict(body.params))
         base = await asyncio.to_thread(resolve_base_model, body.base_model)
         work = self.config.work_dir / body.id
@@ -96,8 +83,7 @@ class TrainerService:
             card = write_card(result.folder, name=body.output_model, base_model=body.base_model,
                               data=body.data.name, settings=settings, metrics=result.metrics)
             ref = await publish_model(self.bus, result.folder, card, job_id=body.id)
-            await self.bus.publish_event(JobResult(id=f"{body.id}-result", job_id=body.id, kind="train", ok=True,
-                                                   artifacts=(ref,), summary=_scalars(result.metrics)))
+            await self.result(body, "result", ok=True, artifacts=(ref,), summary=_scalars(result.metrics))
             log.info("train job %s done: %s published (%s)", body.id, body.output_model, ref.digest)
         finally:
             await asyncio.to_thread(shutil.rmtree, work, True)
@@ -142,33 +128,15 @@ class TrainerService:
         future.add_done_callback(lambda f: f.exception() and log.warning("progress not published: %s", f.exception()))
 
     async def _progress(self, body: TrainJob, progress: Progress, message: str | None = None) -> None:
-        await self.bus.publish_event(JobProgress(job_id=body.id, kind="train", done=progress.step,
-                                                 total=progress.total or None, message=message or progress.line(),
-                                                 metrics=progress.metrics()))
+        await self.progress(body, progress.step, progress.total or None, message or progress.line(), progress.metrics())
 
-    async def _finished(self, body: TrainJob) -> bool:
+    async def finished(self, body: TrainJob) -> bool:
         result = await self.bus.last_event(JobResult, result_subject(body.id))
         if result is None or not result.ok:
             return False
         await self.bus.publish_event(result)
         return True
 
-    @staticmethod
-    def cancels(job: Job[TrainJob], cancel: JobCancel) -> bool:
-        """Whether `cancel` stops `job`: a train job's cancel names its id."""
-        return cancel.kind == "train" and cancel.job_id == job.body.id and cancel.at >= job.body.at
-
-    async def _publish_cancelled(self, body: TrainJob, reason: str) -> None:
-        await self.bus.publish_event(JobResult(id=f"{body.id}-cancelled", job_id=body.id, kind="train", ok=False,
-                                               error=f"cancelled: {reason}"))
-
-    async def on_dropped(self, job: Job[TrainJob]) -> None:
-        await self._publish_cancelled(job.body, job.cancel_reason or f"job {job.state.value} before it ran")
-
-    async def on_failed(self, job: Job[TrainJob]) -> None:
-        error = f"{type(job.error).__name__}: {job.error}"
-        await self.bus.publish_event(JobResult(id=f"{job.id}-failed", job_id=job.id, kind="train", ok=False,
-                                               error=error[:4000]))
 
 
 def _scalars(metrics: dict) -> dict:
@@ -177,10 +145,5 @@ def _scalars(metrics: dict) -> dict:
 
 async def serve(bus: Bus, config: ServiceConfig, stop: asyncio.Event) -> None:
     """Take train jobs until `stop`; then stop the running one at a checkpoint and hand it back."""
-    service = TrainerService(bus, config)
-    runner = JobRunner(await bus.job_subscription("train"), TRAIN_JOBS, service.handle,
-                       RunnerConfig(capacity=config.capacity, shutdown_grace=config.shutdown_grace),
-                       on_failed=service.on_failed, on_dropped=service.on_dropped)
-    async with bus.follow_job_events(JobCancel.SUBJECTS) as cancels:
-        log.info("trainer taking train jobs (capacity %d, work in %s)", config.capacity, config.work_dir)
-        await runner.serve(stop, cancels, service.cancels)
+    log.info("trainer: work in %s", config.work_dir)
+    await TrainerService(bus, config).serve(stop)

@@ -51,7 +51,7 @@ def merge_adapter(base: Path, adapter: Path) -> Path:
     return merged
 
 
-async def resolve(model_path: str | None, adapter: str | None, default_base, bus_opener) -> tuple[Path, str | None]:
+async def resolve_model_folder(model_path: str | None, adapter: str | None, default_base, bus_opener) -> tuple[Path, str | None]:
     """(the model folder to load, the artifact's name) for --model-path and --adapter, either of
     which may be `artifact://NAME`; a plain --adapter folder works too."""
     name = artifact_name(model_path or "")

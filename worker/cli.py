@@ -9,8 +9,7 @@ import json
 import logging
 from pathlib import Path
 
-from ..proto.auth import auth_from_args
-from ..proto.bus import DEFAULT_URL, BusConfig, connect
+from ..proto.bus import connect_from_args
 
 log = logging.getLogger("chatfabric")
 
@@ -110,14 +109,13 @@ async def load(args):
     """Load the model (off the event loop) and return (backend, prompts, config)."""
     from ..proto.default_model import DEFAULT_MODEL_NAME, ensure_default_model
     from .prompting import PromptBuilder
-    from .service import WorkerConfig
+    from .config import WorkerConfig
 
     if getattr(args, "adapter", None) or (args.model_path or "").startswith("artifact://"):
-        from .artifacts import resolve
+        from .artifacts import resolve_model_folder
 
-        opener = lambda: connect(BusConfig.from_env(url=args.nats_url or DEFAULT_URL), "worker-fetch",  # noqa: E731
-                                 auth=auth_from_args(args), role="worker")
-        path, artifact = await resolve(args.model_path, args.adapter, ensure_default_model, opener)
+        opener = lambda: connect_from_args(args, "worker-fetch", role="worker")  # noqa: E731
+        path, artifact = await resolve_model_folder(args.model_path, args.adapter, ensure_default_model, opener)
         name = args.model_name or artifact or path.name
     elif args.model_path:
         path = Path(args.model_path)
@@ -195,8 +193,7 @@ async def run(args, stop: asyncio.Event) -> None:
         serve_metrics(args.metrics_port)
         log.info("worker metrics at http://0.0.0.0:%d/metrics", args.metrics_port)
     try:
-        bus_config = BusConfig.from_env(url=args.nats_url or DEFAULT_URL)
-        async with connect(bus_config, "worker", stop, auth=auth_from_args(args), role="worker") as bus:
+        async with connect_from_args(args, "worker", stop, role="worker") as bus:
             await Worker(bus, backend, prompts, config).run(stop)
     finally:
         await backend.close()

@@ -1,4 +1,4 @@
-"""Sampling parameters for one model, without torch: `resolve` turns a request's
+"""Sampling parameters for one model, without torch: `resolve_sampling` turns a request's
 `SamplingParams` into the backend's `Sampling` (the model's defaults filled in, `max_tokens`
 clamped to the context left), and `check_for_model` applies the rules that need the model.
 The gateway has already applied every rule that does not (`proto.messages.SamplingParams`)."""
@@ -32,7 +32,7 @@ def check_for_model(params: SamplingParams, *, vocab: int, room: int) -> None:
         )
 
 
-def resolve(
+def resolve_sampling(
     params: SamplingParams,
     *,
     room: int,

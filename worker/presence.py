@@ -16,14 +16,13 @@ import logging
 import os
 import socket
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from ..proto.bus import Bus
 from ..proto.messages import AliveMessage, ModelCard, WorkerCard
 from .backend import Backend
+from .config import WorkerConfig
 
-if TYPE_CHECKING:
-    from .service import WorkerConfig
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ import math
 import torch
 
 from .backend import Sampling
-from .params import resolve as resolve  # moved off torch; old imports keep working
 
 
 def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> None:

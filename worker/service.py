@@ -14,17 +14,11 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-import re
-import socket
 import time
-import uuid
-from dataclasses import dataclass, field
-
-from nats.aio.msg import Msg
 
 from ..proto.bus import Bus
-from ..proto.jobs import HandBack, Interrupt, Job, JobKind, JobRunner, JobState, Refuse, RunnerConfig
+from ..proto.job_runner import JobRunner
+from ..proto.jobs import HandBack, Interrupt, Job, JobSpec, JobState, Refuse, RunnerConfig
 from ..proto.messages import (
     CancelMessage,
     DeltaChunk,
@@ -34,11 +28,11 @@ from ..proto.messages import (
     HeartbeatChunk,
     MessageError,
     Usage,
-    decode,
 )
 from .backend import Backend, KVCacheFull, TooLargeForCache
-from .params import check_for_model, resolve
+from .params import check_for_model, resolve_sampling
 from .metrics import RequestTrace, watch
+from .config import WorkerConfig
 from .presence import Presence
 from .prompting import PromptBuilder, PromptError
 from .textstream import IncrementalDetokenizer, StopMatcher
@@ -48,31 +42,9 @@ log = logging.getLogger(__name__)
 INLINE_RENDER_CHARS = 4096  # prompts up to this size are tokenized on the loop, longer ones off it
 KV_RETRY_DELAY = 0.5  # seconds before JetStream offers a request that did not fit the KV cache again
 
-GENERATION = JobKind(
+GENERATION = JobSpec(
     "generation", GenerationRequest, job_id=lambda r: r.request_id, deadline=lambda r: r.deadline
 )
-
-
-def new_worker_id() -> str:
-    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:40]
-    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    model_name: str
-    max_concurrency: int = 16
-    heartbeat_interval: float = 1.0  # token-plane heartbeats and in_progress while prefilling
-    shutdown_grace: float = 30.0  # seconds started requests get to finish on shutdown
-    worker_id: str = field(default_factory=new_worker_id)
-
-    def __post_init__(self) -> None:
-        if not self.model_name:
-            raise ValueError("model name must not be empty")
-        if self.max_concurrency < 1:
-            raise ValueError("--max-concurrency must be at least 1")
-        if self.heartbeat_interval <= 0 or self.shutdown_grace < 0:
-            raise ValueError("heartbeat interval must be positive and shutdown grace not negative")
 
 
 class _Reply:
@@ -134,9 +106,8 @@ class Worker:
             try:
                 await runner.pull(stop)
             finally:
-                for sub in (psub, cancels):
-                    with contextlib.suppress(Exception):  # a closed connection has nothing to undo
-                        await sub.unsubscribe()
+                await psub.unsubscribe()
+                await cancels.unsubscribe()
                 await self.presence.withdraw()
 
     # -- one request's life ----------------------------------------------------------------
@@ -183,7 +154,7 @@ class Worker:
             prompt_ids = await asyncio.to_thread(self._render, request)
         room = self.backend.context_length - len(prompt_ids)
         check_for_model(request.sampling, vocab=len(self.backend.tokenizer), room=room)
-        sampling = resolve(
+        sampling = resolve_sampling(
             request.sampling,
             room=room,
             eos_token_ids=self.backend.eos_token_ids,
@@ -284,12 +255,7 @@ class Worker:
             reply = _Reply(self.bus, job.id, job.body.reply_to, self.config.worker_id, job.delivery)
             await reply.error("deadline_exceeded", "the request expired before a worker took it")
 
-    async def _on_cancel(self, msg: Msg) -> None:
-        try:
-            cancel = decode(CancelMessage, msg.data)
-        except MessageError as err:
-            log.warning("ignored malformed cancel: %s", err)
-            return
+    async def _on_cancel(self, cancel: CancelMessage) -> None:
         self._runner.cancel(cancel.request_id, cancel.reason)
 
 
@@ -305,5 +271,5 @@ class ContextTooLong(PromptError):
 
 def _stored_ns(job: Job) -> int | None:
     """When JetStream stored the request (its queue wait starts there), in unix nanoseconds."""
-    stamp = getattr(job.msg.metadata, "timestamp", None)
-    return int(stamp.timestamp() * 1e9) if stamp is not None else None
+    stored = job.stored_at
+    return int(stored * 1e9) if stored is not None else None

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -38,6 +39,25 @@ log = logging.getLogger(__name__)
 
 def _text_config(config):
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillPlan:
+    """Rows first..first+count-1 write columns from `start` and attend to columns 0..length-1."""
+
+    first: int
+    count: int
+    start: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class DecodePlan:
+    """Rows 0..n-1 write one column each (flat positions `index`) and attend to 0..length-1."""
+
+    n: int
+    index: torch.Tensor
+    length: int
 
 
 class SlotCache:
@@ -61,7 +81,7 @@ class SlotCache:
         # flat index of (row, head, column 0) in a [slots * kv_heads * (slot_length + 1), head_dim] view
         rows = torch.arange(slots, device=device)[:, None] * self.kv_heads + torch.arange(self.kv_heads, device=device)
         self._base = rows * (slot_length + 1)
-        self._plan: tuple = ("none",)
+        self._plan: PrefillPlan | DecodePlan | None = None  # what the next forward pass does
 
     @property
     def bytes(self) -> int:
@@ -78,7 +98,7 @@ class SlotCache:
         return 0  # positions are always passed explicitly
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self._plan[-1], 0
+        return self._planned().length, 0
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return 0
@@ -89,31 +109,32 @@ class SlotCache:
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        kind = self._plan[0]
-        if kind == "decode":
-            _, n, index, length = self._plan
+        plan = self._planned()
+        if isinstance(plan, DecodePlan):
             flat = (-1, self.head_dim)
-            keys.view(flat).index_copy_(0, index, key_states.reshape(flat))
-            values.view(flat).index_copy_(0, index, value_states.reshape(flat))
-            return keys[:n, :, :length], values[:n, :, :length]
-        if kind == "prefill":
-            _, first, count, start, length = self._plan
-            width = key_states.shape[2]
-            keys[first : first + count, :, start : start + width] = key_states
-            values[first : first + count, :, start : start + width] = value_states
-            return keys[first : first + count, :, :length], values[first : first + count, :, :length]
-        raise RuntimeError("SlotCache.update called outside a planned forward pass")
+            keys.view(flat).index_copy_(0, plan.index, key_states.reshape(flat))
+            values.view(flat).index_copy_(0, plan.index, value_states.reshape(flat))
+            return keys[:plan.n, :, :plan.length], values[:plan.n, :, :plan.length]
+        rows, width = slice(plan.first, plan.first + plan.count), key_states.shape[2]
+        keys[rows, :, plan.start : plan.start + width] = key_states
+        values[rows, :, plan.start : plan.start + width] = value_states
+        return keys[rows, :, :plan.length], values[rows, :, :plan.length]
+
+    def _planned(self) -> PrefillPlan | DecodePlan:
+        if self._plan is None:
+            raise RuntimeError("SlotCache used outside a planned forward pass")
+        return self._plan
 
     # -- planning ---------------------------------------------------------------------------------
 
     def for_prefill(self, first: int, count: int, start: int, width: int) -> None:
         """Rows first..first+count-1 write columns start..start+width-1 and attend to 0..start+width-1."""
-        self._plan = ("prefill", first, count, start, start + width)
+        self._plan = PrefillPlan(first, count, start, start + width)
 
     def for_decode(self, n: int, write: torch.Tensor, length: int) -> None:
         """Rows 0..n-1 write one column each (`write`, shape [n]) and attend to columns 0..length-1."""
         index = (self._base[:n] + write[:, None]).reshape(-1)
-        self._plan = ("decode", n, index, length)
+        self._plan = DecodePlan(n, index, length)
 
     def move_row(self, source: int, target: int, length: int) -> None:
         for t in (*self.keys, *self.values):
