@@ -14,8 +14,8 @@ async def arena_conversations(bus, *, until: float | None = None, model: str | N
     """The conversations logged in ARENA (the last log of each), as OpenAI `messages` records
     the trainer reads; with `winners`, only the winning sides of votes. The second value counts
     the logs left out because the trainer could not train on them (roles out of order, no answer)."""
-    from ..proto.events import ConversationLog, Vote
-    from ..proto.replay import replay
+    from ...proto.events import ConversationLog, Vote
+    from ...proto.replay import replay
 
     logs = {item.message.id: item.message async for item in replay(bus, ConversationLog, until=until)}
     if winners:
@@ -40,11 +40,11 @@ async def arena_conversations(bus, *, until: float | None = None, model: str | N
 
 
 async def from_arena(args) -> None:
-    from .cli import _bus
+    from ..cli import _bus
 
     async with _bus(args) as bus:
         if args.pairs:
-            from .pairs import read_arena_pairs, write_pairs
+            from ..pairs import read_arena_pairs, write_pairs
 
             pairs = await read_arena_pairs(bus, until=args.as_of, anonymous_only=not args.include_named)
             write_pairs(pairs, Path(args.output))

@@ -14,7 +14,7 @@ from .records import write_jsonl
 def build_masks(path: str | Path, prompts, max_length: int) -> tuple[list[tuple[Sample, object]], MaskReport]:
     """Each trainable conversation of `path` with its sample, made by the trainer's masking
     function with the trainer's settings; the report counts what was skipped and why."""
-    from .data import load_conversations
+    from ..data import load_conversations
 
     report, out = MaskReport(), []
     for conversation in load_conversations(path):
