@@ -17,7 +17,7 @@ import pytest
 
 from chatfabric.proto.bus import BusConfig, connect
 from chatfabric.proto.embedded import EmbeddedServer, free_port
-from chatfabric.proto.default_model import DEFAULT_MODEL_NAME, ensure_default_model
+from chatfabric.models.default_model import DEFAULT_MODEL_NAME, ensure_default_model
 
 CHATFABRIC = str(Path(sys.executable).parent / "chatfabric")
 

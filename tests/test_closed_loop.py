@@ -20,7 +20,7 @@ from chatfabric.proto.events import ConversationLog, ModelPublished, Vote
 from chatfabric.proto.messages import ChatMessage
 from chatfabric.proto.replay import replay
 from chatfabric.proto.subjects import EVENTS_PREFIX, model_token
-from chatfabric.proto.default_model import DEFAULT_MODEL_NAME
+from chatfabric.models.default_model import DEFAULT_MODEL_NAME
 
 from conftest import CHATFABRIC, http_json, make_fabric
 

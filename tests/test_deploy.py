@@ -27,7 +27,7 @@ from chatfabric.deploy.cli import build_parser
 from chatfabric.proto.auth import NatsAuth, password_env
 from chatfabric.proto.embedded import free_port
 from chatfabric.proto.roles import ROLES
-from chatfabric.proto.default_model import DEFAULT_MODEL_NAME, cache_root
+from chatfabric.models.default_model import DEFAULT_MODEL_NAME, cache_root
 
 from conftest import CHATFABRIC, wait_for
 from deploy_files import COMPOSE, DEPLOY, NATS_DIR, command_of, load_compose, render_nats_config, role_passwords

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -149,13 +150,26 @@ def _healthy(base: str) -> bool:
 # -- a real install ----------------------------------------------------------------------------------
 
 
+def _tracked_package_files() -> list[str]:
+    """The package's files that git tracks (what a wheel must hold), as paths in the package."""
+    folders = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values()
+    listed = subprocess.run(["git", "ls-files", *folders], cwd=REPO, capture_output=True, text=True, check=True)
+    return [path for path in listed.stdout.split() if path.endswith((".py", ".json", ".jsonl"))]
+
+
 @pytest.fixture(scope="module")
 def hf_venv(tmp_path_factory) -> Path:
-    """The project's wheel with the core dependencies and the `hf` extra, in a new environment."""
+    """The project's wheel with the core dependencies and the `hf` extra, in a new environment.
+    The wheel is built from a copy of the tracked files: a build in the checkout would leave
+    its `build/` folder there, whose stale copies a later build would ship."""
     base = tmp_path_factory.mktemp("install")
-    wheels = base / "wheels"
+    source, wheels = base / "source", base / "wheels"
+    listed = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for path in listed:
+        (source / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / path, source / path)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
-    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(wheels), str(REPO)], check=True, timeout=300)
+    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(wheels), str(source)], check=True, timeout=300)
     [wheel] = wheels.glob("chatfabric-*.whl")
     venv = base / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
@@ -190,6 +204,9 @@ def test_installed_with_hf_only(hf_venv, tmp_path, model_dir):
     for data in ("mt_bench/question.jsonl", "mt_bench/judge_prompts.jsonl", "mt_bench/reference_answer/gpt-4.jsonl",
                  "LICENSE-FastChat-Apache-2.0"):
         assert f"chatfabric/judge/data/{data}" in names, names
+    shipped = {name for name in names if name.startswith("chatfabric/") and name.endswith((".py", ".json", ".jsonl"))}
+    tracked = {f"chatfabric/{path}" for path in _tracked_package_files()}
+    assert tracked <= shipped, f"the wheel lacks {sorted(tracked - shipped)}"
     bench = subprocess.run([python, "-c", "from chatfabric.judge.bench import load_bench; b = load_bench('mt_bench'); "
                             "print(len(b.questions), len(b.references), len(b.prompts))"],
                            capture_output=True, text=True, env=env, cwd=tmp_path, check=True).stdout.split()

@@ -19,7 +19,7 @@ from chatfabric.proto.bus import BusConfig, connect
 from chatfabric.proto.embedded import EmbeddedServer, free_port
 from chatfabric.proto.events import ConversationLog, Vote
 from chatfabric.proto.messages import ChatMessage
-from chatfabric.proto.templates import PromptBuilder
+from chatfabric.models.templates import PromptBuilder
 from chatfabric.trainer.data_tools import check, clean, from_arena, masks, split
 from chatfabric.trainer.data_tools.records import scan
 from chatfabric.trainer.data import load_conversations

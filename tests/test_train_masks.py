@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from chatfabric.proto.messages import ChatMessage
-from chatfabric.proto.templates import TEMPLATES, PromptBuilder
+from chatfabric.models.templates import TEMPLATES, PromptBuilder
 from chatfabric.trainer.data import DataError, load_conversations
 from chatfabric.trainer.masks import IGNORE, Sample, Skip, render_with_mask, trained_text
 from shared_data import SHAREGPT_FILE, shared_file

@@ -26,7 +26,7 @@ from chatfabric.proto.messages import (
     decode_chunk,
     encode,
 )
-from chatfabric.proto import default_model
+from chatfabric.models import default_model
 from chatfabric.worker.backend import Sampling
 from chatfabric.worker.prompting import PromptBuilder, PromptError, render_llama2, render_vicuna
 from chatfabric.worker.sampling import (

@@ -102,7 +102,7 @@ def add_args(p: argparse.ArgumentParser, common: Callable[[argparse.ArgumentPars
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    from ..proto.default_model import DEFAULT_MODEL_NAME
+    from ..models.default_model import DEFAULT_MODEL_NAME
 
     p.add_argument("--model-path", default=DEFAULT_MODEL_NAME,
                    help="the model whose tokenizer and chat template count (default: %(default)s)")
@@ -113,7 +113,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _prompts(args):
     from transformers import AutoTokenizer
 
-    from ..proto.templates import PromptBuilder
+    from ..models.templates import PromptBuilder
     from .service import resolve_base_model
 
     tokenizer = AutoTokenizer.from_pretrained(str(resolve_base_model(args.model_path)))

@@ -88,7 +88,7 @@ def run_dpo(spec: RunSpec, hooks: Hooks) -> RunResult:
     import torch
     from transformers import AutoTokenizer
 
-    from ..proto.templates import PromptBuilder
+    from ..models.templates import PromptBuilder
 
     s = spec.settings
     torch.manual_seed(s.seed)

@@ -1,5 +1,5 @@
 """Loss masks: a conversation rendered to token ids with the serving chat template
-(`proto.templates.PromptBuilder`), and labels that train only the assistant's tokens.
+(`models.templates.PromptBuilder`), and labels that train only the assistant's tokens.
 
 How a sample is built (`render_with_mask`):
 1. The conversation's text is the template's rendering of all of it; the prompt before each
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from ..proto.messages import ChatMessage
-from ..proto.templates import PromptBuilder, PromptError
+from ..models.templates import PromptBuilder, PromptError
 
 IGNORE = -100
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")

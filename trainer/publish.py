@@ -12,7 +12,7 @@ from pathlib import Path
 from ..proto.bus import Bus
 from ..proto.events import ArtifactRef, ModelPublished
 from ..proto.subjects import MODELS_BUCKET, TRAINING_BUCKET
-from ..proto.model_artifacts import MODEL_CARD, checkpoint_artifact, model_artifact, pack_folder, unpack_folder
+from ..models.model_artifacts import MODEL_CARD, checkpoint_artifact, model_artifact, pack_folder, unpack_folder
 from .settings import TrainSettings
 
 

@@ -46,7 +46,7 @@ class ServiceConfig:
 
 def resolve_base_model(name: str) -> Path:
     """A model folder on this machine, or the built-in default model by its name."""
-    from ..proto.default_model import DEFAULT_MODEL_NAME, ensure_default_model
+    from ..models.default_model import DEFAULT_MODEL_NAME, ensure_default_model
 
     if name == DEFAULT_MODEL_NAME:
         return ensure_default_model()

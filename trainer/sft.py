@@ -197,7 +197,7 @@ def run_sft(spec: RunSpec, hooks: Hooks) -> RunResult:
 def _run_sft(spec: RunSpec, hooks: Hooks) -> RunResult:
     from transformers import AutoTokenizer, PrinterCallback, Trainer
 
-    from ..proto.templates import PromptBuilder
+    from ..models.templates import PromptBuilder
 
     s = spec.settings
     check_device(s)

@@ -9,7 +9,7 @@ import hashlib
 import logging
 from pathlib import Path
 
-from ..proto.model_artifacts import artifact_name, model_artifact, read_card, unpack_folder
+from ..models.model_artifacts import artifact_name, model_artifact, read_card, unpack_folder
 from ..proto.subjects import MODELS_BUCKET
 
 log = logging.getLogger(__name__)

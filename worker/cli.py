@@ -107,7 +107,7 @@ def models_from_args(args) -> list[argparse.Namespace]:
 
 async def load(args):
     """Load the model (off the event loop) and return (backend, prompts, config)."""
-    from ..proto.default_model import DEFAULT_MODEL_NAME, ensure_default_model
+    from ..models.default_model import DEFAULT_MODEL_NAME, ensure_default_model
     from .prompting import PromptBuilder
     from .config import WorkerConfig
 

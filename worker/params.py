@@ -6,7 +6,7 @@ The gateway has already applied every rule that does not (`proto.messages.Sampli
 from __future__ import annotations
 
 from ..proto.messages import SamplingParams
-from ..proto.templates import PromptError
+from ..models.templates import PromptError
 from .backend import Sampling
 
 

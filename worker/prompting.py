@@ -1,7 +1,7 @@
-"""Prompt rendering for the worker: the templates live in `proto.templates`, where the trainer
+"""Prompt rendering for the worker: the templates live in `models.templates`, where the trainer
 imports them too; these names stay importable from here."""
 
-from ..proto.templates import (
+from ..models.templates import (
     TEMPLATES,
     VICUNA_SYSTEM,
     PromptBuilder,

@@ -15,7 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from chatfabric.proto.default_model import ensure_default_model
+from chatfabric.models.default_model import ensure_default_model
 
 
 def main(out: Path) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from .messages import ChatMessage
+from ..proto.messages import ChatMessage
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
