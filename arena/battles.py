@@ -9,13 +9,13 @@ and the `_b` fields; a dict counts as the sum of its values), otherwise from `co
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ..proto.files import RecordError, json_records
 from .style import assistant_text, style_counts
 from .table import WINNERS, Battles, factorize
 
@@ -42,10 +42,10 @@ def read_battles(path: str | Path) -> Battles:
 
 def read_records(path: str | Path):
     """(line, parsed JSON value) for each battle of a JSON array or JSON Lines file, unchecked."""
-    with open(path, encoding="utf-8") as file:
-        is_array = _first_character(file) == "["
-        file.seek(0)
-        yield from _array_records(file.read(), path) if is_array else _line_records(file, path)
+    try:
+        yield from json_records(path)
+    except RecordError as err:
+        raise BattleFormatError(str(err)) from None
 
 
 def check_battle(record) -> None:
@@ -56,52 +56,6 @@ def check_battle(record) -> None:
 def describe(error: Exception) -> str:
     """A record error in words: what `read_battles` puts after `file:line: `."""
     return _describe(error)
-
-
-def _first_character(file) -> str:
-    while chunk := file.read(4096):
-        if stripped := chunk.lstrip():
-            return stripped[0]
-    return ""
-
-
-def _line_records(file, path):
-    for number, line in enumerate(file, start=1):
-        if line.strip():
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as error:
-                raise BattleFormatError(f"{path}:{number}: not JSON ({error.msg})") from None
-
-
-def _array_records(text: str, path):
-    """The elements of a JSON array one at a time, each with the line it starts on."""
-    decoder, position = json.JSONDecoder(), text.index("[") + 1
-    line = text.count("\n", 0, position) + 1
-    while True:
-        start = _skip_space(text, position)
-        line += text.count("\n", position, start)
-        if text.startswith("]", start):
-            if text[start + 1:].strip():
-                raise BattleFormatError(f"{path}:{line}: text after the closing ']'")
-            return
-        try:
-            record, end = decoder.raw_decode(text, start)
-        except json.JSONDecodeError as error:
-            raise BattleFormatError(f"{path}:{error.lineno}: not JSON ({error.msg})") from None
-        yield line, record
-        position = _skip_space(text, end)
-        line += text.count("\n", start, position)
-        if text.startswith(",", position):
-            position += 1
-        elif not text.startswith("]", position):
-            raise BattleFormatError(f"{path}:{line}: expected ',' or ']' after a battle")
-
-
-def _skip_space(text: str, position: int) -> int:
-    while position < len(text) and text[position] in " \t\r\n":
-        position += 1
-    return position
 
 
 @dataclass

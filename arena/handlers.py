@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, NamedTuple, Sequence
 
 from ..proto import tracing
 from ..proto.events import WINNERS, Event, Feedback, new_id
@@ -23,6 +23,30 @@ VOTES = tuple(zip(("A is better", "B is better", "Tie", "Both are bad"), WINNERS
 HIDDEN = "Model A and Model B are hidden until you vote."
 ADD_A_WORKER = ("Start another worker to add one, e.g. `chatfabric worker --model-path DIR --model-name NAME "
                 "--nats-url URL`, or run everything with `chatfabric up --model-name a --model-name b`.")
+
+
+class BattleView(NamedTuple):
+    """What a battle panel shows after a handler, in the order of its Gradio outputs."""
+
+    round: Round | None
+    chat_a: list
+    chat_b: list
+    names: str
+    status: str
+    input: object  # the question box's update
+    vote_a: object  # the four vote buttons' updates
+    vote_b: object
+    vote_tie: object
+    vote_bad: object
+
+
+class ChatView(NamedTuple):
+    """What the direct chat shows after a handler, in the order of its Gradio outputs."""
+
+    side: Side | None
+    chat: list
+    status: str
+    input: object
 
 
 class NotEnoughModels(Exception):
@@ -128,8 +152,7 @@ class Arena:
 
     # -- battle handlers (anonymous and side by side) --------------------------------------
 
-    def battle_view(self, rnd: Round | None, status: str = "", text: str | None = "") -> tuple:
-        """Outputs: state, chat A, chat B, names, status, input, then the four vote buttons."""
+    def battle_view(self, rnd: Round | None, status: str = "", text: str | None = "") -> BattleView:
         import gradio as gr
 
         chats = rnd.sides[0].display() if rnd else [], rnd.sides[1].display() if rnd else []
@@ -141,9 +164,9 @@ class Arena:
             names = f"Model A: **{rnd.sides[0].model}** · Model B: **{rnd.sides[1].model}**"
         votable = gr.update(interactive=rnd is not None and rnd.can_vote)
         box = gr.update() if text is None else gr.update(value=text)
-        return (rnd, *chats, names, status, box, *(votable,) * len(VOTES))
+        return BattleView(rnd, *chats, names, status, box, *(votable,) * len(VOTES))
 
-    async def send(self, text: str, rnd: Round | None, pick: tuple[str, str] | None, request) -> AsyncIterator[tuple]:
+    async def send(self, text: str, rnd: Round | None, pick: tuple[str, str] | None, request) -> AsyncIterator[BattleView]:
         client = self.client(request)
         try:
             if rnd is not None and rnd.streaming:
@@ -172,7 +195,7 @@ class Arena:
             return "Which answer is better? Vote, or keep asking both."
         return "One side failed: regenerate, or start a new round."
 
-    async def regenerate(self, rnd: Round | None, request) -> AsyncIterator[tuple]:
+    async def regenerate(self, rnd: Round | None, request) -> AsyncIterator[BattleView]:
         if rnd is None or rnd.turns == 0 or rnd.streaming or rnd.vote is not None:
             yield self.battle_view(rnd, "Nothing to regenerate." if rnd is None or rnd.vote is None
                                    else "You voted on this round: start a new round.", text=None)
@@ -187,7 +210,7 @@ class Arena:
             yield self.battle_view(rnd, "", text=None)
         yield self.battle_view(rnd, self._after_answer(rnd), text=None)
 
-    async def vote(self, winner: str, rnd: Round | None, request) -> tuple:
+    async def vote(self, winner: str, rnd: Round | None, request) -> BattleView:
         if rnd is None or rnd.turns == 0:
             return self.battle_view(rnd, "Ask both models something first.", text=None)
         if rnd.vote is not None:
@@ -211,11 +234,11 @@ class Arena:
         return self.battle_view(rnd, f"Thanks! Your vote, {said}, is recorded{again}. Start a new round to go on.",
                                 text=None)
 
-    async def new_round_clicked(self, rnd: Round | None, request) -> tuple:
+    async def new_round_clicked(self, rnd: Round | None, request) -> BattleView:
         note = await self.log_round(rnd, self.client(request))
         return self.battle_view(None, note or "New round: ask a question to start.")
 
-    async def clear(self, rnd: Round | None, request) -> tuple:
+    async def clear(self, rnd: Round | None, request) -> BattleView:
         """Start over with the same two models (still hidden in a battle)."""
         note = await self.log_round(rnd, self.client(request))
         if rnd is None:
@@ -225,14 +248,14 @@ class Arena:
 
     # -- direct chat -----------------------------------------------------------------------
 
-    def chat_view(self, side: Side | None, status: str = "", text: str | None = "") -> tuple:
+    def chat_view(self, side: Side | None, status: str = "", text: str | None = "") -> ChatView:
         import gradio as gr
 
         box = gr.update() if text is None else gr.update(value=text)
-        return side, side.display() if side else [], status, box
+        return ChatView(side, side.display() if side else [], status, box)
 
     async def chat(self, text: str, side: Side | None, model: str, temperature: float, top_p: float,
-                   max_tokens: int, request) -> AsyncIterator[tuple]:
+                   max_tokens: int, request) -> AsyncIterator[ChatView]:
         client = self.client(request)
         try:
             if side is not None and not side.finished and side.turns:
@@ -258,7 +281,7 @@ class Arena:
             yield self.chat_view(side, note)
         yield self.chat_view(side, note)
 
-    async def chat_regenerate(self, side: Side | None, request) -> AsyncIterator[tuple]:
+    async def chat_regenerate(self, side: Side | None, request) -> AsyncIterator[ChatView]:
         if side is None or not side.turns or not side.finished:
             yield self.chat_view(side, "Nothing to regenerate.", text=None)
             return
@@ -281,7 +304,7 @@ class Arena:
             return f"The last conversation could not be logged ({err})."
         return ""
 
-    async def feedback(self, kind: str, side: Side | None, request) -> tuple:
+    async def feedback(self, kind: str, side: Side | None, request) -> ChatView:
         if side is None or not side.finished or not any(t.error is None for t in side.turns):
             return self.chat_view(side, "Chat first, then rate the answers.", text=None)
         client = self.client(request)
@@ -299,7 +322,7 @@ class Arena:
         side.conversation = new_id()
         return self.chat_view(side, f"Recorded: {kind}{' (already)' if duplicate else ''}. Thank you.", text=None)
 
-    async def chat_clear(self, side: Side | None, request) -> tuple:
+    async def chat_clear(self, side: Side | None, request) -> ChatView:
         note = await self.log_side(side, self.client(request))
         return self.chat_view(None, note)
 

@@ -150,11 +150,23 @@ def _healthy(base: str) -> bool:
 # -- a real install ----------------------------------------------------------------------------------
 
 
-def _tracked_package_files() -> list[str]:
-    """The package's files that git tracks (what a wheel must hold), as paths in the package."""
-    folders = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values()
-    listed = subprocess.run(["git", "ls-files", *folders], cwd=REPO, capture_output=True, text=True, check=True)
-    return [path for path in listed.stdout.split() if path.endswith((".py", ".json", ".jsonl"))]
+def _package_files() -> set[str]:
+    """What the wheel must hold: each listed package's modules and the data it declares, as the
+    wheel names them (chatfabric/...)."""
+    setup = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    tracked = set(subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                                 check=True).stdout.split())
+    expected = set()
+    for package in setup["packages"]:
+        parts = package.split(".")[1:]
+        folder = Path(setup["package-dir"][f"chatfabric.{parts[0]}"], *parts[1:])
+        patterns = ["*.py", *setup.get("package-data", {}).get(package, [])]
+        for pattern in patterns:
+            for path in (REPO / folder).glob(pattern):
+                relative = path.relative_to(REPO).as_posix()
+                if relative in tracked:
+                    expected.add("/".join(["chatfabric", *parts, path.relative_to(REPO / folder).as_posix()]))
+    return expected
 
 
 @pytest.fixture(scope="module")
@@ -204,9 +216,9 @@ def test_installed_with_hf_only(hf_venv, tmp_path, model_dir):
     for data in ("mt_bench/question.jsonl", "mt_bench/judge_prompts.jsonl", "mt_bench/reference_answer/gpt-4.jsonl",
                  "LICENSE-FastChat-Apache-2.0"):
         assert f"chatfabric/judge/data/{data}" in names, names
-    shipped = {name for name in names if name.startswith("chatfabric/") and name.endswith((".py", ".json", ".jsonl"))}
-    tracked = {f"chatfabric/{path}" for path in _tracked_package_files()}
-    assert tracked <= shipped, f"the wheel lacks {sorted(tracked - shipped)}"
+    expected = _package_files()
+    assert {"chatfabric/trainer/deepspeed/ds_zero2.json", "chatfabric/trainer/data_tools/check.py"} <= expected
+    assert expected <= set(names), f"the wheel lacks {sorted(expected - set(names))}"
     bench = subprocess.run([python, "-c", "from chatfabric.judge.bench import load_bench; b = load_bench('mt_bench'); "
                             "print(len(b.questions), len(b.references), len(b.prompts))"],
                            capture_output=True, text=True, env=env, cwd=tmp_path, check=True).stdout.split()

@@ -313,7 +313,7 @@ def test_reader_names_the_bad_line(tmp_path, bad, message):
 
 def test_reader_names_a_line_that_is_not_json(tmp_path):
     (tmp_path / "b.jsonl").write_text(json.dumps(battle()) + "\n\n{not json\n")
-    with pytest.raises(BattleFormatError, match=r"b\.jsonl:3: not JSON"):
+    with pytest.raises(BattleFormatError, match=r"b\.jsonl:3: not valid JSON"):
         read_battles(tmp_path / "b.jsonl")
 
 

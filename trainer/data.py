@@ -5,13 +5,13 @@ so a user can fix the file instead of guessing."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from pydantic import ValidationError
 
+from ..proto.files import RecordError, json_records
 from ..proto.messages import ChatMessage
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -36,47 +36,10 @@ class Conversation:
 
 def read_records(path: str | Path) -> Iterator[tuple[int, object]]:
     """(line, record) for each record of a JSON array or JSON Lines file."""
-    path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(path, None, None, f"not UTF-8 text ({err.reason} at byte {err.start})") from None
-    if text.lstrip().startswith("["):
-        yield from _array_records(path, text)
-    else:
-        yield from _lines_records(path, text)
-
-
-def _array_records(path: Path, text: str) -> Iterator[tuple[int, object]]:
-    try:
-        json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(path, err.lineno, None, f"not valid JSON: {err.msg} (column {err.colno})") from None
-    decoder, at = json.JSONDecoder(), text.index("[") + 1
-    while True:
-        at = _skip_space(text, at)
-        if text[at] == "]":
-            return
-        record, end = decoder.raw_decode(text, at)
-        yield text.count("\n", 0, at) + 1, record
-        at = _skip_space(text, end)
-        at += text[at] == ","
-
-
-def _skip_space(text: str, at: int) -> int:
-    while text[at] in " \t\r\n":
-        at += 1
-    return at
-
-
-def _lines_records(path: Path, text: str) -> Iterator[tuple[int, object]]:
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(path, number, None, f"not valid JSON: {err.msg} (column {err.colno})") from None
+        yield from json_records(path)
+    except RecordError as err:
+        raise DataError(Path(path), err.line, None, err.reason) from None
 
 
 def to_conversation(record: object, path: str | Path, line: int | None, index: int) -> Conversation:
