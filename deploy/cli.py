@@ -143,8 +143,8 @@ def _exit_after(seconds: float) -> None:
     timer.start()
 
 
-def _command(name: str) -> Command:
-    return next(c for c in COMMANDS if c.name == name)
+def _command(name: str) -> Command | None:
+    return next((c for c in COMMANDS if c.name == name), None)
 
 
 def chosen_command(argv: list[str]) -> str:
@@ -167,7 +167,7 @@ def missing_extra(err: ModuleNotFoundError, command: Command | None) -> str | No
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     name = chosen_command(argv)
-    command = next((c for c in COMMANDS if c.name == name), None)
+    command = _command(name)
     try:
         args = build_parser(only=name).parse_args(argv)
         return _run(args, _command(args.command))

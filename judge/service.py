@@ -121,7 +121,7 @@ class JudgeService(JobService[JudgeJob | JudgeQuestion]):
         elif plan["questions"] != planned:
             raise ValueError(f"job {body.job_name} was planned with other questions; submit it under another name")
         done = await self._done(store, planned)
-        await self._progress(body, len(done), len(planned), f"planned {len(planned)} questions")
+        await self.progress(body, len(done), len(planned), f"planned {len(planned)} questions")
         if len(done) == len(planned):
             await self._finish(body, bench, store)
             return
@@ -147,7 +147,7 @@ class JudgeService(JobService[JudgeJob | JudgeQuestion]):
         finally:
             await endpoints.close()
         done = await self._done(store, plan["questions"])
-        await self._progress(body, len(done), len(plan["questions"]), f"question {question.question_id} judged")
+        await self.progress(body, len(done), len(plan["questions"]), f"question {question.question_id} judged")
         if len(done) == len(plan["questions"]):
             await self._finish(body, bench, store)
 
@@ -207,8 +207,6 @@ class JudgeService(JobService[JudgeJob | JudgeQuestion]):
     async def _done(self, store: RecordStore, question_ids: list) -> set:
         return {qid for qid in question_ids if await store.exists(keys.done_key(qid))}
 
-    async def _progress(self, body: JudgeJob, done: int, total: int, message: str) -> None:
-        await self.progress(body, done, total, message)
 
 
 async def serve(bus: Bus, config: ServiceConfig, stop: asyncio.Event) -> None:

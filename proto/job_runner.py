@@ -9,7 +9,6 @@ import logging
 import time
 from typing import Awaitable, Callable, Generic, TypeVar
 
-
 from .events import JobCancel
 from .jobs import B, HandBack, Interrupt, Job, JobSpec, JobState, RunnerConfig, Settle, ending
 from .messages import MessageError
@@ -82,21 +81,21 @@ class JobRunner(Generic[B]):
         from `cancels` (a `JobCancel` queue, see `Bus.follow_job_events`) names:
         `cancels_job(job, cancel)`, and drop the jobs it names that are pulled later."""
         self._cancels_job = cancels_job
-        watcher = asyncio.create_task(self._cancel_when_asked(cancels, cancels_job), name=f"{self.kind.name}-cancels")
+        watcher = asyncio.create_task(self._cancel_when_asked(cancels), name=f"{self.kind.name}-cancels")
         try:
             async with self:
                 await self.pull(stop)
         finally:
             watcher.cancel()
 
-    async def _cancel_when_asked(self, cancels: asyncio.Queue, cancels_job: Callable[[Job[B], JobCancel], bool]) -> None:
+    async def _cancel_when_asked(self, cancels: asyncio.Queue) -> None:
         while True:
             cancel = await cancels.get()
             if not isinstance(cancel, JobCancel):
                 continue
             self._heard.add(cancel.id, cancel)
             for job in self.jobs():
-                if cancels_job(job, cancel):
+                if self._cancels_job(job, cancel):
                     self.cancel(job.id, cancel.reason)
 
     def _cancel_heard(self, job: Job[B]) -> JobCancel | None:
