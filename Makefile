@@ -57,7 +57,7 @@ $(DEPLOY_STAMP): $(STAMP)
 	if [ $$ok = 1 ]; then touch $@; fi
 
 test: $(STAMP) $(VLLM_STAMP) $(CHROMIUM_STAMP) $(DEPLOY_STAMP)
-	$(BIN)/python -m pytest -v
+	$(BIN)/python -m pytest -v --durations=40
 
 # Regenerate the arena screenshots in docs/ (the test suite writes its own to a temporary folder).
 screenshots: $(STAMP) $(CHROMIUM_STAMP)

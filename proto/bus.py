@@ -24,7 +24,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext, api
 from nats.js.errors import (APIError, BucketNotFoundError, NoStreamResponseError,
-                            NotFoundError)
+                            NotFoundError, ServiceUnavailableError)
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
@@ -57,6 +57,9 @@ _TRANSIENT = (nats.errors.NoRespondersError, nats.errors.TimeoutError, asyncio.T
 # stream not created yet, or on a cluster its leader lost and the next one not elected yet): a
 # request or a vote is worth a few seconds, never a false confirmation.
 _STORE_TRANSIENT = (*_TRANSIENT, NoStreamResponseError)
+# ...and while joining (ensuring or binding the contract's objects, putting the first card): also
+# JetStream answering that it is not ready yet. Every such step is idempotent, so it is retried.
+_JOIN_TRANSIENT = (*_TRANSIENT, ServiceUnavailableError)
 _EVENT_TRANSIENT = _STORE_TRANSIENT
 PUBLISH_RETRY_SECONDS = 5.0
 EVENT_RETRY_SECONDS = 3.0
@@ -122,7 +125,7 @@ class Bus(ObjectPlane):
         try:
             await self.ensure_contract()
             await self.registry_bucket()
-        except _TRANSIENT as err:
+        except _JOIN_TRANSIENT as err:
             raise ConnectionError(
                 f"JetStream did not answer while ensuring the fabric's streams "
                 f"and buckets ({type(err).__name__}): is JetStream enabled on the server? On a secured fabric "
@@ -133,7 +136,25 @@ class Bus(ObjectPlane):
     async def ensure(self, spec: contract.Spec) -> None:
         """Create one object of the contract, or bring the existing one in line with it:
         `contract.ContractMismatch` when JetStream cannot change the difference in place."""
-        await reconcile.ensure(self.js, spec)
+        await self._joining(lambda: reconcile.ensure(self.js, spec), spec.label)
+
+    async def _joining(self, step: Callable[[], Awaitable], what: str):
+        """Run one idempotent step of joining the fabric, retrying it with backoff for
+        `config.join_wait` seconds while JetStream does not answer (a server starting, a cluster
+        electing the stream's leader, a node too busy to answer within the request timeout);
+        the last error after that."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.config.join_wait
+        delay = 0.1
+        while True:
+            try:
+                return await step()
+            except _JOIN_TRANSIENT as err:
+                if self.nc.is_closed or loop.time() + delay > give_up:
+                    raise
+                log.info("%s: JetStream did not answer (%s); retrying", what, type(err).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     async def ensure_contract(self) -> None:
         """Ensure every stream, bucket and object store; one error lists every mismatch."""
@@ -151,7 +172,8 @@ class Bus(ObjectPlane):
         does not exist yet."""
         if self.registry is None:
             try:
-                self.registry = await self.js.key_value(subjects.REGISTRY_BUCKET)
+                self.registry = await self._joining(lambda: self.js.key_value(subjects.REGISTRY_BUCKET),
+                                                    f"the '{subjects.REGISTRY_BUCKET}' bucket")
             except BucketNotFoundError:
                 raise contract.ContractMissing(
                     f"the '{subjects.REGISTRY_BUCKET}' bucket does not exist: a gateway (or `chatfabric up`) "
@@ -166,7 +188,8 @@ class Bus(ObjectPlane):
     async def pull(self, spec: contract.ConsumerSpec, name: str) -> Pull:
         """Bind to (creating or updating if needed) the durable pull consumer `spec` declares."""
         await self.ensure(spec)
-        return Pull(await self.js.pull_subscribe_bind(spec.name, stream=spec.stream), name)
+        bound = await self._joining(lambda: self.js.pull_subscribe_bind(spec.name, stream=spec.stream), spec.label)
+        return Pull(bound, name)
 
     async def last_seq(self, stream: str) -> int:
         """The sequence of the last message `stream` holds (0 when empty);
@@ -344,8 +367,14 @@ class Bus(ObjectPlane):
 
         return Subscription(await self.nc.subscribe(subject, cb=deliver))
 
-    async def put_card(self, card: WorkerCard) -> None:
-        await (await self.registry_bucket()).put(card.worker_id, encode(card))
+    async def put_card(self, card: WorkerCard, *, joining: bool = False) -> None:
+        """Put (or refresh) a worker's card; `joining`: the first one, retried like the rest of
+        joining while JetStream does not answer (a refresh that fails is simply tried again)."""
+        registry = await self.registry_bucket()
+        if joining:
+            await self._joining(lambda: registry.put(card.worker_id, encode(card)), f"card {card.worker_id}")
+        else:
+            await registry.put(card.worker_id, encode(card))
 
     async def delete_card(self, worker_id: str) -> None:
         await (await self.registry_bucket()).delete(worker_id)

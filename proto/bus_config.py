@@ -12,13 +12,14 @@ from pathlib import Path
 class BusConfig:
     """Settings shared by every process on one fabric. `from_env` reads CHATFABRIC_* overrides.
 
-    The settings below `url`, `store_dir` and `server_order` shape the fabric's JetStream objects
+    The settings below `url`, `store_dir`, `server_order` and `join_wait` shape the fabric's JetStream objects
     (`proto/contract.py`); a process that ensures the contract brings the server in line with
     them, so every such process of one fabric should be started with the same values."""
 
     url: str | None = None  # one server, or a cluster's nodes separated by commas
     store_dir: Path | None = None
     server_order: str = "random"  # which listed node to try first: random (NATS' default) or listed
+    join_wait: float = 30.0  # seconds joining retries JetStream while it does not answer (a cluster electing leaders)
     ack_wait: float = 30.0  # seconds a pulled, unstarted request stays un-acked before redelivery
     max_deliver: int = -1  # unlimited: a request is redelivered until its deadline passes
     queue_limit: int = 256  # requests waiting per model before the gateway answers 429
@@ -30,7 +31,7 @@ class BusConfig:
     arena_max_age: float = 0.0  # seconds ARENA keeps votes and conversations; 0: forever
 
     def __post_init__(self) -> None:
-        for name in ("ack_wait", "registry_ttl", "request_max_age", "duplicate_window"):
+        for name in ("join_wait", "ack_wait", "registry_ttl", "request_max_age", "duplicate_window"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.server_order not in ("random", "listed"):

@@ -23,7 +23,7 @@ from chatfabric.proto.bus import Bus, BusConfig, EventNotStored, connect
 from chatfabric.proto.bus_errors import ArtifactMismatch
 from chatfabric.proto.contract import ContractMismatch, ContractMissing, StreamSpec, build_contract
 from chatfabric.proto.reconcile import differences
-from chatfabric.proto.embedded import EmbeddedServer, free_port
+from chatfabric.proto.embedded import EmbeddedServer, find_nats_server, free_port
 from chatfabric.proto.events import ConversationLog, JobProgress, Vote
 from chatfabric.proto.messages import ChatMessage
 from chatfabric.proto.replay import Invalid, replay
@@ -113,6 +113,66 @@ async def test_a_fresh_fabric_shows_the_whole_contract_once_a_gateway_joined(tmp
                 assert differences(spec, found[spec.stream]) == [], spec.label
             assert gateway.registry is not None
             assert (await gateway.put_artifact(subjects.JUDGE_BUCKET, "empty", b"")).size == 0
+
+
+class _Heard(logging.Handler):
+    """Sets `event` when a record whose message contains `text` is logged."""
+
+    def __init__(self, text: str):
+        super().__init__(logging.INFO)
+        self.text, self.event = text, asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.event.set()
+
+
+async def test_joining_waits_for_jetstream_and_names_it_when_it_never_answers(tmp_path):
+    """A process that joins while JetStream does not answer yet (a server starting, a cluster
+    electing leaders) retries for `join_wait`; a server without JetStream is named after that."""
+    port = free_port()
+    plain = await asyncio.create_subprocess_exec(find_nats_server(), "-a", "127.0.0.1", "-p", str(port),
+                                                 stdout=asyncio.subprocess.DEVNULL,
+                                                 stderr=asyncio.subprocess.DEVNULL)
+    url = f"nats://127.0.0.1:{port}"
+    heard = _Heard("JetStream did not answer")
+    logger = logging.getLogger("chatfabric.proto.bus")
+    logger.addHandler(heard)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        opened = None
+        for _ in range(100):  # until the plain server listens
+            try:
+                opened = await nats.connect(url, connect_timeout=1, max_reconnect_attempts=0)
+                break
+            except Exception:
+                await asyncio.sleep(0.05)
+        assert opened is not None, "nats-server did not listen"
+        await opened.close()
+        with pytest.raises(ConnectionError, match="JetStream did not answer while ensuring"):
+            async with connect(BusConfig(url=url, join_wait=0.5), "test", role="gateway"):
+                pass
+        assert heard.event.is_set()  # it did retry before giving up
+
+        heard.event.clear()
+
+        async def join():
+            async with connect(BusConfig(url=url, join_wait=30), "test", role="gateway") as bus:
+                return {info.config.name for info in await bus.js.streams_info()}
+
+        joining = asyncio.create_task(join())
+        await asyncio.wait_for(heard.event.wait(), 15)  # it is waiting for JetStream now
+        plain.terminate()
+        await plain.wait()
+        with EmbeddedServer(port=port, store_dir=tmp_path / "nats"):
+            assert {"GEN", "EVENTS", "KV_workers"} <= await asyncio.wait_for(joining, 40)
+    finally:
+        logger.removeHandler(heard)
+        logger.setLevel(level)
+        if plain.returncode is None:
+            plain.terminate()
+            await plain.wait()
 
 
 def test_the_roles_know_every_stream_of_the_contract():

@@ -73,7 +73,7 @@ class Presence:
         self._changed.set()
 
     async def __aenter__(self) -> "Presence":
-        await self.bus.put_card(self.card())
+        await self.bus.put_card(self.card(), joining=True)
         self.bus.on_reconnect(self._announce)
         self._tasks = [
             asyncio.create_task(self._refresh_card(), name="card"),
