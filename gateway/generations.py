@@ -27,7 +27,7 @@ from ..proto.messages import (
 from . import metrics
 from .errors import APIError
 from .registry import Registry
-from .relay import Mailboxes
+from .relay import Mailbox, Mailboxes
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,6 @@ def new_traceparent(incoming: str | None) -> str:
             return f"00-{parts[1]}-{secrets.token_hex(8)}-{parts[3]}"
     return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
 
-
-LIVENESS_POLL = 0.25  # seconds between checks of a started request's worker liveness
 
 
 class Generations:
@@ -100,7 +98,7 @@ class Generations:
     ) -> AsyncIterator[DeltaChunk | FinalChunk]:
         """Yield one choice's deltas and its final chunk; raise APIError for anything else."""
         request_id = new_request_id()
-        reply_to, box = self.mailboxes.open(request_id)
+        box = self.mailboxes.open(request_id)
         started_at = time.monotonic()
         observed = metrics.ChoiceStats(model, request_id)
         if observed.span.is_recording():
@@ -111,7 +109,7 @@ class Generations:
             messages=messages,
             prompt=prompt,
             sampling=sampling,
-            reply_to=reply_to,
+            reply_to=self.mailboxes.inbox,
             deadline=time.time() + self.request_timeout,
             traceparent=traceparent,
         )
@@ -194,7 +192,7 @@ class _Relay:
     seconds when its worker stops sending liveness beats (it died), and after
     `heartbeat_timeout` of silence on the request itself (the worker lives but lost it)."""
 
-    def __init__(self, generations: Generations, request_id: str, box: asyncio.Queue, started_at: float):
+    def __init__(self, generations: Generations, request_id: str, box: Mailbox, started_at: float):
         self.g = generations
         self.request_id = request_id
         self.box = box
@@ -207,23 +205,43 @@ class _Relay:
         self.dropped = 0
 
     async def chunks(self):
+        """The request's deltas and its final chunk. The deltas that arrived together are
+        yielded as one (their text joined): a stream faster than its reader costs one SSE event
+        per wake, not one per token."""
         while True:
-            chunk = await self._next()
-            if not self._accept(chunk):
-                continue
-            if self.first_answer is None:
-                self.first_answer = time.monotonic()
-            if isinstance(chunk, HeartbeatChunk):
-                self._beat(chunk)
-                continue
-            if isinstance(chunk, ErrorChunk):
-                if chunk.code == "worker_shutdown" and self.phase is not Phase.STARTED:
-                    continue  # handed back before its first token: another worker takes it
-                raise APIError(WORKER_ERRORS[chunk.code], chunk.message, param=chunk.param, code=chunk.code)
-            self.phase = Phase.STARTED
-            yield chunk
-            if isinstance(chunk, FinalChunk):
+            text, tokens, last = [], 0, None
+            for chunk in await self._next():
+                try:
+                    accepted = self._accept(chunk)
+                except APIError:
+                    if last is not None:
+                        yield _joined(last, text, tokens)  # the text before the gap, then the error
+                    raise
+                if not accepted:
+                    continue
+                if self.first_answer is None:
+                    self.first_answer = time.monotonic()
+                if isinstance(chunk, HeartbeatChunk):
+                    self._beat(chunk)
+                    continue
+                if isinstance(chunk, ErrorChunk):
+                    if chunk.code == "worker_shutdown" and self.phase is not Phase.STARTED:
+                        continue  # handed back before its first token: another worker takes it
+                    if last is not None:
+                        yield _joined(last, text, tokens)
+                    raise APIError(WORKER_ERRORS[chunk.code], chunk.message, param=chunk.param, code=chunk.code)
+                self.phase = Phase.STARTED
+                if isinstance(chunk, DeltaChunk):
+                    text.append(chunk.text)
+                    tokens += chunk.token_count
+                    last = chunk
+                    continue
+                if last is not None:
+                    yield _joined(last, text, tokens)
+                yield chunk  # the final one
                 return
+            if last is not None:
+                yield _joined(last, text, tokens)
 
     def _beat(self, chunk: HeartbeatChunk) -> None:
         if chunk.started:
@@ -233,21 +251,20 @@ class _Relay:
         self.bound.ack_subject = chunk.ack_subject
         self.phase = Phase.HOLDING if chunk.ack_subject is not None else Phase.BOUND
 
-    async def _next(self):
+    async def _next(self) -> list:
+        """The chunks that arrived; between them, at every tick, the deadline and the liveness
+        of the worker that holds the request are checked."""
         while True:
-            now = time.monotonic()
-            if now >= self.deadline:
+            if time.monotonic() >= self.deadline:
                 raise APIError(504, f"The request did not complete within {self.g.request_timeout:.0f}s.",
                                code="timeout")
-            watching = self.phase in (Phase.STARTED, Phase.HOLDING)
-            wait = min(self.deadline - now, LIVENESS_POLL) if watching else self.deadline - now
-            try:
-                return await asyncio.wait_for(self.box.get(), timeout=max(wait, 0.0))
-            except asyncio.TimeoutError:
-                if self.phase is Phase.STARTED:
-                    self._check_worker_alive()
-                elif self.phase is Phase.HOLDING and self._worker_dead():
-                    await self._hand_back()
+            chunks = await self.box.take()
+            if chunks:
+                return chunks
+            if self.phase is Phase.STARTED:
+                self._check_worker_alive()
+            elif self.phase is Phase.HOLDING and self._worker_dead():
+                await self._hand_back()
 
     def _worker_dead(self) -> bool:
         registry = self.g.registry
@@ -310,6 +327,12 @@ class _Relay:
         else:
             message = f"Lost part of the token stream ({lost})."
         return APIError(502, message, code="stream_gap")
+
+
+def _joined(last: DeltaChunk, text: list[str], tokens: int) -> DeltaChunk:
+    if len(text) == 1:
+        return last
+    return DeltaChunk(last.request_id, last.seq, last.worker_id, last.attempt, "".join(text), tokens)
 
 
 async def merge_choices(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:

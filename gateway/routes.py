@@ -9,6 +9,7 @@ import time
 from collections import defaultdict
 from typing import AsyncIterator
 
+import msgspec
 from aiohttp import web
 from pydantic import ValidationError
 
@@ -158,7 +159,8 @@ def total_usage(finals: dict[int, FinalChunk], first_of_prompt: set[int]) -> dic
     """Prompt tokens once per prompt (not per choice), completion tokens over every choice."""
     prompt = sum(f.usage.prompt_tokens for i, f in finals.items() if i in first_of_prompt)
     completion = sum(f.usage.completion_tokens for f in finals.values())
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion).model_dump()
+    return msgspec.structs.asdict(Usage(prompt_tokens=prompt, completion_tokens=completion,
+                                        total_tokens=prompt + completion))
 
 
 # -- the shared response path ---------------------------------------------------------------
@@ -207,7 +209,7 @@ async def stream_sse(request, body, events, shape, head, n_choices, first_of_pro
 
     async def send(choices: list[dict], **extra) -> None:
         payload = {**head, "object": shape.chunk_object, "choices": choices, **usage_field, **extra}
-        await response.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+        await response.write(b"data: " + msgspec.json.encode(payload) + b"\n\n")
 
     finals: dict[int, FinalChunk] = {}
     try:

@@ -37,7 +37,9 @@ from .bus_config import DEFAULT_URL, BusConfig
 from .auth import NatsAuth
 from .embedded import EmbeddedServer
 from .events import Event, job_event_model
-from .messages import AliveMessage, CancelMessage, GenerationRequest, MessageError, WorkerCard, decode, encode
+from .messages import (AliveMessage, CancelMessage, Chunk, GenerationRequest, MessageError, WorkerCard, decode,
+                       decode_chunks, encode)
+from .outbox import Outbox
 from .roles import role as find_role
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,7 @@ class Bus(ObjectPlane):
         self.contract = contract.build_contract(config)
         self.registry: KeyValue | None = None
         self._stores: dict[str, ObjectStore] = {}  # object stores bound so far, by bucket
+        self._outboxes: list[Outbox] = []
         self.reconnects = 0  # how many times the connection came back after a loss
         self._on_reconnect: list[Callable[[], Awaitable[None]]] = []
 
@@ -322,8 +325,16 @@ class Bus(ObjectPlane):
 
     # -- core NATS: control and token planes -----------------------------------------------
 
-    async def publish_chunk(self, reply_to: str, chunk) -> None:
-        await self.nc.publish(reply_to, encode(chunk))
+    def open_outbox(self, stream_interval: float = 0.0) -> Outbox:
+        """The token plane's sending side (`proto/outbox.py`): chunks to reply inboxes, one
+        message per inbox per event-loop turn; sent and stopped when the bus closes."""
+        outbox = Outbox(self.nc, stream_interval)
+        self._outboxes.append(outbox)
+        return outbox
+
+    async def close_outboxes(self) -> None:
+        for outbox in self._outboxes:
+            await outbox.close()
 
     async def publish_cancel(self, cancel: CancelMessage) -> None:
         await self.nc.publish(subjects.cancel_subject(cancel.request_id), encode(cancel))
@@ -347,14 +358,18 @@ class Bus(ObjectPlane):
         """Every worker's liveness beats, decoded."""
         return await self._subscribe(subjects.alive_wildcard(), AliveMessage, on_alive, logging.DEBUG)
 
-    async def subscribe_replies(self, gateway_id: str,
-                                on_chunk: Callable[[str, bytes], Awaitable[None]]) -> Subscription:
-        """The chunks sent to this gateway's reply inboxes, as (request id, encoded chunk): the
-        relay decodes only those of requests it still waits for."""
+    async def subscribe_replies(self, gateway_id: str, on_chunks: Callable[[list[Chunk]], None]) -> Subscription:
+        """The chunks workers send to this gateway's reply inbox, a batch at a time (`on_chunks`
+        is called on the event loop and must not wait); a malformed batch is logged and dropped."""
         async def deliver(msg) -> None:
-            await on_chunk(subjects.inbox_request_id(msg.subject), msg.data)
+            try:
+                chunks = decode_chunks(msg.data)
+            except MessageError as err:
+                log.warning("dropped a batch of chunks: %s", err)
+                return
+            on_chunks(chunks)
 
-        return Subscription(await self.nc.subscribe(f"{subjects.reply_prefix(gateway_id)}.*", cb=deliver))
+        return Subscription(await self.nc.subscribe(subjects.reply_inbox(gateway_id), cb=deliver))
 
     async def _subscribe(self, subject: str, model, handler, level: int) -> Subscription:
         async def deliver(msg) -> None:
@@ -426,7 +441,10 @@ async def connect(config: BusConfig | None = None, name: str = "chatfabric",
             bus = Bus(nc, config)
             watch.listeners.append(bus._reconnected)
             owner = server is not None or (role is not None and find_role(role).ensures_contract)
-            yield await bus.setup(ensure=owner)
+            try:
+                yield await bus.setup(ensure=owner)
+            finally:
+                await bus.close_outboxes()
         finally:
             await close_connection(nc, watch)
         if lost:

@@ -1,7 +1,9 @@
-"""Pydantic models of every message on the bus, and their encoding.
+"""Models of every message on the bus, and their encoding.
 
 Every message carries `v`, the schema version. A reader validates what it receives with
-`decode(...)`, which raises `MessageError` with a readable reason instead of a pydantic dump.
+`decode(...)` (`decode_chunks` for the token plane), which raises `MessageError` with a readable
+reason instead of a validation dump. Messages are pydantic models, except the token plane's
+chunks: msgspec structs, as its traffic is per token.
 """
 
 from __future__ import annotations
@@ -9,12 +11,12 @@ from __future__ import annotations
 import time
 from typing import Annotated, Literal, TypeVar
 
+import msgspec
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
-    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -131,32 +133,39 @@ class GenerationRequest(_Message):
         return (now if now is not None else time.time()) > self.deadline
 
 
-class Usage(BaseModel):
-    model_config = ConfigDict(frozen=True)
+class Usage(msgspec.Struct, frozen=True):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
 
 
-class _Chunk(_Message):
+# -- the token plane --------------------------------------------------------------------------
+# Chunks are the hot path (one per token and stream, at thousands per second): msgspec structs,
+# validated when decoded like every other message, and encoded as compact arrays. A worker sends
+# a gateway one `ChunkBatch` per engine step (`proto/outbox.py`), whatever the number of streams.
+
+Count = Annotated[int, msgspec.Meta(ge=0)]
+Attempt = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class _Chunk(msgspec.Struct, frozen=True, array_like=True, tag_field="type"):
     """`seq` counts 0, 1, 2, ... within one delivery `attempt` of the request to one worker: a
     request handed back to JetStream and delivered again starts a new count."""
 
     request_id: str
-    seq: int = Field(ge=0)
+    seq: Count
     worker_id: str
-    attempt: int = Field(default=1, ge=1)
+    attempt: Attempt
 
 
-class DeltaChunk(_Chunk):
+class DeltaChunk(_Chunk, tag="delta"):
     """New text; `token_count` tokens were generated since the previous delta."""
 
-    type: Literal["delta"] = "delta"
     text: str
-    token_count: int = Field(ge=0)
+    token_count: Count
 
 
-class HeartbeatChunk(_Chunk):
+class HeartbeatChunk(_Chunk, tag="heartbeat"):
     """Proof of life while a request is prefilling or between slow tokens.
 
     `started` says whether the first token was produced (and the request acked): a worker that
@@ -164,7 +173,6 @@ class HeartbeatChunk(_Chunk):
     then `ack_subject` is the JetStream delivery's reply subject, so that a gateway that sees
     the worker die can hand the request back at once instead of waiting for `ack_wait`."""
 
-    type: Literal["heartbeat"] = "heartbeat"
     started: bool = False
     ack_subject: str | None = None
 
@@ -172,8 +180,7 @@ class HeartbeatChunk(_Chunk):
 FinishReason = Literal["stop", "length"]
 
 
-class FinalChunk(_Chunk):
-    type: Literal["final"] = "final"
+class FinalChunk(_Chunk, tag="final"):
     finish_reason: FinishReason
     usage: Usage
 
@@ -188,15 +195,37 @@ ErrorCode = Literal[
 ]
 
 
-class ErrorChunk(_Chunk):
-    type: Literal["error"] = "error"
+class ErrorChunk(_Chunk, tag="error"):
     code: ErrorCode
     message: str
     param: str | None = None
 
 
-Chunk = Annotated[DeltaChunk | HeartbeatChunk | FinalChunk | ErrorChunk, Field(discriminator="type")]
-_CHUNK = TypeAdapter(Chunk)
+Chunk = DeltaChunk | HeartbeatChunk | FinalChunk | ErrorChunk
+
+
+class ChunkBatch(msgspec.Struct, frozen=True):
+    """What a worker sends to one gateway's reply inbox: the chunks of any of its streams, each
+    stream's in order."""
+
+    chunks: list[Chunk]
+    v: Literal[1] = SCHEMA_VERSION
+
+
+_BATCH_ENCODER = msgspec.json.Encoder()
+_BATCH_DECODER = msgspec.json.Decoder(ChunkBatch)
+
+
+def encode_chunks(chunks: list[Chunk]) -> bytes:
+    return _BATCH_ENCODER.encode(ChunkBatch(chunks))
+
+
+def decode_chunks(data: bytes) -> list[Chunk]:
+    """The chunks of one batch; `MessageError` naming what is wrong with it."""
+    try:
+        return _BATCH_DECODER.decode(data).chunks
+    except (msgspec.ValidationError, msgspec.DecodeError) as err:
+        raise MessageError(f"invalid chunk batch: {err}") from None
 
 
 class ModelCard(BaseModel):
@@ -263,8 +292,3 @@ def decode(model: type[M], data: bytes) -> M:
         raise MessageError(f"invalid {model.__name__}: {explain(err)}") from None
 
 
-def decode_chunk(data: bytes) -> DeltaChunk | HeartbeatChunk | FinalChunk | ErrorChunk:
-    try:
-        return _CHUNK.validate_json(data)
-    except ValidationError as err:
-        raise MessageError(f"invalid chunk: {explain(err)}") from None

@@ -130,18 +130,10 @@ def alive_wildcard() -> str:
     return f"{ALIVE_PREFIX}.*"
 
 
-def reply_prefix(gateway_id: str) -> str:
-    """Every reply inbox of one gateway lives under this prefix (one subscription for all)."""
+def reply_inbox(gateway_id: str) -> str:
+    """Where workers send one gateway the chunks of all its requests, as `ChunkBatch` messages
+    (each chunk names its request): one subject, one subscription, whatever the streams."""
     return f"{INBOX_PREFIX}.{gateway_id}"
-
-
-def reply_inbox(gateway_id: str, request_id: str) -> str:
-    return f"{reply_prefix(gateway_id)}.{request_id}"
-
-
-def inbox_request_id(inbox: str) -> str:
-    """The request a reply inbox belongs to (the inverse of `reply_inbox`)."""
-    return inbox.rsplit(".", 1)[-1]
 
 
 def arena_kind(subject: str) -> str | None:

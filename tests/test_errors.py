@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from chatfabric.proto import subjects
-from chatfabric.proto.messages import ErrorChunk, GenerationRequest, decode_chunk, encode
+from chatfabric.proto.messages import ErrorChunk, FinalChunk, GenerationRequest, decode_chunks, encode
 from conftest import MODEL
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
@@ -168,9 +168,8 @@ async def _publish_raw(nats_url: str, model: str, payload: bytes, reply: str):
         chunks = []
         while True:
             msg = await sub.next_msg(timeout=60)
-            chunk = decode_chunk(msg.data)
-            chunks.append(chunk)
-            if chunk.type in ("final", "error"):
+            chunks.extend(decode_chunks(msg.data))
+            if isinstance(chunks[-1], (FinalChunk, ErrorChunk)):
                 return chunks
     finally:
         await nc.close()
@@ -193,5 +192,5 @@ def test_expired_request_is_dropped_not_served(fabric):
     req = GenerationRequest(request_id="late1", model=MODEL, prompt="hi", reply_to="_INBOX.test.late1",
                             deadline=time.time() - 1)
     chunks = asyncio.run(_publish_raw(fabric.nats_url, MODEL, encode(req), "_INBOX.test.late1"))
-    assert [c.type for c in chunks] == ["error"]
+    assert [type(c) for c in chunks] == [ErrorChunk]
     assert chunks[0].code == "deadline_exceeded"

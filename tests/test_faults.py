@@ -20,7 +20,7 @@ from nats.js.errors import KeyDeletedError, KeyNotFoundError
 
 from chatfabric.proto import subjects
 from chatfabric.proto.bus import BusConfig, connect
-from chatfabric.proto.messages import decode_chunk
+from chatfabric.proto.messages import HeartbeatChunk, decode_chunks
 from conftest import MODEL, http_json, make_fabric, wait_for
 
 LONG = {"ignore_eos": True}
@@ -414,9 +414,9 @@ async def first_heartbeat(nats_url: str, timeout: float) -> str:
     try:
         sub = await nc.subscribe(f"{subjects.INBOX_PREFIX}.>")
         while True:
-            chunk = decode_chunk((await sub.next_msg(timeout=timeout)).data)
-            if chunk.type == "heartbeat" and chunk.ack_subject:
-                return chunk.worker_id
+            for chunk in decode_chunks((await sub.next_msg(timeout=timeout)).data):
+                if isinstance(chunk, HeartbeatChunk) and chunk.ack_subject:
+                    return chunk.worker_id
     finally:
         await nc.close()
 

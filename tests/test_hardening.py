@@ -292,7 +292,7 @@ def test_chunks_from_anyone_but_the_serving_worker_are_dropped(stack, client, fa
     import nats
 
     from chatfabric.proto import subjects
-    from chatfabric.proto.messages import DeltaChunk, decode_chunk, encode
+    from chatfabric.proto.messages import DeltaChunk, decode_chunks, encode_chunks
 
     kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Name three colours."}], temperature=0,
                   max_tokens=30)
@@ -303,15 +303,14 @@ def test_chunks_from_anyone_but_the_serving_worker_are_dropped(stack, client, fa
         try:
             sub = await nc.subscribe(f"{subjects.INBOX_PREFIX}.>")
             call = asyncio.create_task(asyncio.to_thread(client.chat.completions.create, **kwargs))
-            while True:
+            chunk = None
+            while chunk is None:
                 msg = await sub.next_msg(timeout=60)
-                chunk = decode_chunk(msg.data)
-                if chunk.type == "delta":
-                    break
-            for seq in range(chunk.seq + 1, chunk.seq + 4):
-                forged = DeltaChunk(request_id=chunk.request_id, seq=seq, worker_id="intruder",
-                                    attempt=chunk.attempt, text=" FORGED", token_count=1)
-                await nc.publish(msg.subject, encode(forged))
+                chunk = next((c for c in decode_chunks(msg.data) if isinstance(c, DeltaChunk)), None)
+            forged = [DeltaChunk(request_id=chunk.request_id, seq=seq, worker_id="intruder",
+                                 attempt=chunk.attempt, text=" FORGED", token_count=1)
+                      for seq in range(chunk.seq + 1, chunk.seq + 4)]
+            await nc.publish(msg.subject, encode_chunks(forged))
             return await call
         finally:
             await nc.close()

@@ -16,7 +16,8 @@ from aiohttp.test_utils import TestServer
 from chatfabric.gateway.app import GatewayConfig, create_app
 from chatfabric.proto.bus import BusConfig, BusLost, connect
 from chatfabric.proto.embedded import EmbeddedServer, free_port
-from chatfabric.proto.messages import DeltaChunk
+from chatfabric.proto.messages import decode_chunks
+from chatfabric.proto.outbox import ReplyStream
 from chatfabric.worker.prompting import PromptBuilder
 from chatfabric.worker.config import WorkerConfig
 from chatfabric.worker.service import Worker
@@ -126,10 +127,12 @@ async def test_forged_chunks_are_dropped(fabric, nats_server):
         sub = await intruder.nc.subscribe("_INBOX.cf.>")
         stream = await client.completions.create(model="syn", prompt="x", max_tokens=40, stream=True)
         first = await sub.next_msg(timeout=5)
-        for seq in range(1, 60):
-            await intruder.publish_chunk(first.subject, DeltaChunk(request_id=first.subject.rsplit(".", 1)[-1],
-                                                                   seq=seq, worker_id="intruder", text=" FORGED",
-                                                                   token_count=1))
+        request_id = decode_chunks(first.data)[0].request_id
+        forger = ReplyStream(intruder.open_outbox(), first.subject, request_id, "intruder")
+        forger.seq = 1
+        for _ in range(1, 60):
+            forger.delta(" FORGED", 1)
+        await intruder.close_outboxes()
         text = "".join([c.choices[0].text async for c in stream if c.choices])
     assert text == " hello" * 40
 

@@ -152,7 +152,7 @@ async def test_gateway_and_worker_serve_a_request(planes, join):
     await gw_bus.setup()
 
     chunks, alive, cancels = asyncio.Queue(), asyncio.Queue(), asyncio.Queue()
-    await gateway.nc.subscribe(f"{subjects.reply_prefix('g1')}.*", cb=chunks.put)
+    await gateway.nc.subscribe(subjects.reply_inbox("g1"), cb=chunks.put)
     await gateway.nc.subscribe(f"{subjects.ALIVE_PREFIX}.*", cb=alive.put)
     await worker.nc.subscribe(subjects.cancel_wildcard(), cb=cancels.put)
     watcher = await (await gw_bus.registry_bucket()).watchall()
@@ -171,7 +171,7 @@ async def test_gateway_and_worker_serve_a_request(planes, join):
     assert again.data == b"request r2" and again.delivered == 2
     await again.term()
 
-    await worker.nc.publish(subjects.reply_inbox("g1", "r1"), b"delta")
+    await worker.nc.publish(subjects.reply_inbox("g1"), b"delta")
     await worker.nc.publish(f"{subjects.ALIVE_PREFIX}.w1", b"alive")
     await gateway.nc.publish(subjects.cancel_subject("r1"), b"cancel")
     registry = await wk_bus.registry_bucket()
@@ -179,7 +179,7 @@ async def test_gateway_and_worker_serve_a_request(planes, join):
     await registry.delete("w1")
 
     async with asyncio.timeout(5):
-        assert (await chunks.get()).subject == subjects.reply_inbox("g1", "r1")
+        assert (await chunks.get()).subject == subjects.reply_inbox("g1")
         assert (await alive.get()).data == b"alive"
         assert (await cancels.get()).subject == subjects.cancel_subject("r1")
         seen = []
@@ -249,7 +249,7 @@ async def test_worker_is_refused(planes, join, action):
 
 GATEWAY_REFUSED = {
     "core-subscribe to every request": _sub("gen.>"),
-    "write into a token stream": _pub(subjects.reply_inbox("g2", "r1")),
+    "write into a token stream": _pub(subjects.reply_inbox("g2")),
     "announce a fake worker": _pub(f"{subjects.ALIVE_PREFIX}.w1"),
     "register a fake worker card": _pub(f"$KV.{subjects.REGISTRY_BUCKET}.w1"),
     "submit a train job": _pub(subjects.TRAIN_JOBS),

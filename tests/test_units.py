@@ -23,7 +23,7 @@ from chatfabric.proto.messages import (
     SamplingParams,
     WorkerCard,
     decode,
-    decode_chunk,
+    decode_chunks,
     encode,
 )
 from chatfabric.models import default_model
@@ -96,11 +96,14 @@ def test_decode_explains_what_is_wrong():
                                               "prompt": "p", "sampling": {"temperature": 5}}).encode())
     with pytest.raises(MessageError, match="not valid|Invalid JSON|invalid"):
         decode(GenerationRequest, b"{nope")
-    with pytest.raises(MessageError, match="v"):
-        decode_chunk(json.dumps({"v": 9, "type": "delta", "request_id": "r", "seq": 0, "worker_id": "w",
-                                 "text": "", "token_count": 0}).encode())
-    with pytest.raises(MessageError, match="type"):
-        decode_chunk(json.dumps({"v": 1, "type": "nope", "request_id": "r", "seq": 0, "worker_id": "w"}).encode())
+    with pytest.raises(MessageError, match=r"\$\.v"):
+        decode_chunks(json.dumps({"v": 9, "chunks": [["delta", "r", 0, "w", 1, "", 0]]}).encode())
+    with pytest.raises(MessageError, match=r"'nope' - at `\$\.chunks\[0\]\[0\]`"):
+        decode_chunks(json.dumps({"v": 1, "chunks": [["nope", "r", 0, "w", 1]]}).encode())
+    with pytest.raises(MessageError, match=r">= 0 - at `\$\.chunks\[0\]\[2\]`"):
+        decode_chunks(json.dumps({"v": 1, "chunks": [["delta", "r", -1, "w", 1, "", 0]]}).encode())
+    with pytest.raises(MessageError, match="invalid chunk batch"):
+        decode_chunks(b'{"v": 1, "chunks": [["delta", "r", 0, "w", 1, "\\ud800", 1]]}')  # no lone surrogates
 
 
 def test_worker_card_liveness():

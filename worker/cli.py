@@ -70,11 +70,17 @@ def add_args(p: argparse.ArgumentParser, several: bool = False) -> None:
     )
     w.add_argument("--synthetic-delay", type=float, default=0.0,
                    help="--backend synthetic: seconds per token, to stand in for a model's decode speed")
+    w.add_argument("--synthetic-step-ms", type=float, default=0.0,
+                   help="--backend synthetic: advance every running sequence by one token per step of this many "
+                   "milliseconds, all together, as a batched decode does (default: free-running)")
     w.add_argument("--metrics-port", type=int, default=_env_port("CHATFABRIC_METRICS_PORT"),
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (default: $CHATFABRIC_METRICS_PORT; "
                    "none). In `up`, the gateway's /metrics shows them anyway")
     w.add_argument("--heartbeat-interval", type=float, default=1.0,
                    help="seconds between liveness beats and per-request heartbeats (default: %(default)s)")
+    w.add_argument("--stream-interval-ms", type=float, default=20.0,
+                   help="how long a stream's later text may wait to be sent with its next (its first token never "
+                   "waits): fewer, larger chunks when streams are fast; 0: every engine step (default: %(default)s)")
     w.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds running requests get to finish on shutdown")
 
 
@@ -130,6 +136,7 @@ async def load(args):
         max_concurrency=args.max_concurrency,
         heartbeat_interval=args.heartbeat_interval,
         shutdown_grace=args.shutdown_grace,
+        stream_interval=args.stream_interval_ms / 1000,
     )
     if args.kv_cache_tokens is not None and args.kv_cache_tokens < 1:
         raise ValueError("--kv-cache-tokens must be positive")
@@ -150,10 +157,12 @@ async def load(args):
 
         from .synthetic import SyntheticBackend
 
-        if args.synthetic_delay < 0:
-            raise ValueError("--synthetic-delay must not be negative")
+        if args.synthetic_delay < 0 or args.synthetic_step_ms < 0:
+            raise ValueError("--synthetic-delay and --synthetic-step-ms must not be negative")
+        if args.synthetic_delay and args.synthetic_step_ms:
+            raise ValueError("give --synthetic-delay or --synthetic-step-ms, not both")
         tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(path))
-        backend = SyntheticBackend(tokenizer, token_delay=args.synthetic_delay)
+        backend = SyntheticBackend(tokenizer, token_delay=args.synthetic_delay, step=args.synthetic_step_ms / 1000)
     else:
         from .hf import HFBackend
 

@@ -11,7 +11,6 @@ task, which closes the backend's generator within one step.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -19,16 +18,8 @@ import time
 from ..proto.bus import Bus
 from ..proto.job_runner import JobRunner
 from ..proto.jobs import HandBack, Interrupt, Job, JobSpec, JobState, Refuse, RunnerConfig
-from ..proto.messages import (
-    CancelMessage,
-    DeltaChunk,
-    ErrorChunk,
-    FinalChunk,
-    GenerationRequest,
-    HeartbeatChunk,
-    MessageError,
-    Usage,
-)
+from ..proto.messages import CancelMessage, GenerationRequest, MessageError, Usage
+from ..proto.outbox import ReplyStream
 from .backend import Backend, KVCacheFull, TooLargeForCache
 from .params import check_for_model, resolve_sampling
 from .metrics import RequestTrace, watch
@@ -47,30 +38,6 @@ GENERATION = JobSpec(
 )
 
 
-class _Reply:
-    """Publishes one request's chunks, numbered, to its reply inbox."""
-
-    def __init__(self, bus: Bus, request_id: str, reply_to: str, worker_id: str, attempt: int = 1):
-        self._bus = bus
-        self.request_id = request_id
-        self.reply_to = reply_to
-        self.worker_id = worker_id
-        self.attempt = attempt
-        self.seq = 0
-        self.last_sent = time.monotonic()
-
-    async def send(self, chunk_type, **fields) -> None:
-        chunk = chunk_type(
-            request_id=self.request_id, seq=self.seq, worker_id=self.worker_id, attempt=self.attempt, **fields
-        )
-        self.seq += 1
-        self.last_sent = time.monotonic()
-        await self._bus.publish_chunk(self.reply_to, chunk)
-
-    async def error(self, code: str, message: str, param: str | None = None) -> None:
-        await self.send(ErrorChunk, code=code, message=message, param=param)
-
-
 class Worker:
     def __init__(self, bus: Bus, backend: Backend, prompts: PromptBuilder, config: WorkerConfig):
         self.bus = bus
@@ -78,6 +45,7 @@ class Worker:
         self.prompts = prompts
         self.config = config
         self.presence = Presence(bus, config, backend, lambda: self.in_flight)
+        self.outbox = bus.open_outbox(config.stream_interval)
         self._runner: JobRunner[GenerationRequest] | None = None
 
     @property
@@ -114,7 +82,7 @@ class Worker:
 
     async def _serve(self, job: Job[GenerationRequest]) -> None:
         request = job.body
-        reply = _Reply(self.bus, request.request_id, request.reply_to, self.config.worker_id, job.delivery)
+        reply = self._reply(request.request_id, request.reply_to, job.delivery)
         heartbeat = asyncio.create_task(self._heartbeat(job, reply))
         observed = RequestTrace(self.config.model_name, request.traceparent, _stored_ns(job), request.request_id)
         outcome, counts = "internal_error", (0, 0)
@@ -128,7 +96,7 @@ class Worker:
             raise HandBack(KV_RETRY_DELAY, hold_pulls=True) from None
         except (PromptError, TooLargeForCache) as err:
             outcome = "context_length_exceeded" if isinstance(err, ContextTooLong) else "invalid_request"
-            await reply.error(
+            reply.error(
                 outcome,
                 str(err),
                 param=getattr(err, "param", None) or ("messages" if request.messages is not None else "prompt"),
@@ -136,16 +104,19 @@ class Worker:
             raise Refuse(str(err)) from None
         except asyncio.CancelledError:
             outcome = "cancelled" if job.interrupt is Interrupt.CANCEL else "stopped"
-            await self._say_stopped(job, reply)
+            self._say_stopped(job, reply)
             raise
         except Exception as err:
-            await reply.error("internal_error", f"{type(err).__name__}: {err}")
+            reply.error("internal_error", f"{type(err).__name__}: {err}")
             raise
         finally:
             heartbeat.cancel()
             observed.end(outcome, *counts)
 
-    async def _generate(self, job: Job, request: GenerationRequest, reply: _Reply,
+    def _reply(self, request_id: str, reply_to: str, attempt: int = 1) -> ReplyStream:
+        return ReplyStream(self.outbox, reply_to, request_id, self.config.worker_id, attempt)
+
+    async def _generate(self, job: Job, request: GenerationRequest, reply: ReplyStream,
                         observed: RequestTrace) -> tuple[int, int]:
         """Stream the request's answer; (prompt tokens, generated tokens)."""
         if _input_chars(request) <= INLINE_RENDER_CHARS:
@@ -176,7 +147,7 @@ class Worker:
                 if stops.stopped:
                     finish = "stop"
                 if text or stops.stopped:
-                    await reply.send(DeltaChunk, text=text, token_count=pending)
+                    reply.delta(text, pending)
                     pending = 0
                 if stops.stopped:
                     break
@@ -186,13 +157,13 @@ class Worker:
             await events.aclose()
         tail = "" if stops.stopped else stops.feed(detok.flush()) + stops.flush()
         if tail or pending:
-            await reply.send(DeltaChunk, text=tail, token_count=pending)
+            reply.delta(tail, pending)
         usage = Usage(
             prompt_tokens=len(prompt_ids),
             completion_tokens=generated,
             total_tokens=len(prompt_ids) + generated,
         )
-        await reply.send(FinalChunk, finish_reason=finish, usage=usage)
+        reply.final(finish, usage)
         return len(prompt_ids), generated
 
     def _render(self, request: GenerationRequest) -> list[int]:
@@ -211,31 +182,25 @@ class Worker:
             )
         return ids
 
-    async def _say_stopped(self, job: Job, reply: _Reply) -> None:
+    def _say_stopped(self, job: Job, reply: ReplyStream) -> None:
         if job.interrupt is Interrupt.CANCEL:
             code, message = "cancelled", "cancelled"
         elif job.started:
             code, message = "worker_shutdown", "the worker stopped this request"
         else:
             return  # handed back before its first token: another worker serves it
-        with contextlib.suppress(Exception):
-            await reply.error(code, message)
+        reply.error(code, message)
 
-    async def _heartbeat(self, job: Job, reply: _Reply) -> None:
+    async def _heartbeat(self, job: Job, reply: ReplyStream) -> None:
         """Heartbeat the reply inbox: before the first token at every tick, carrying the
         delivery's ack subject so that a gateway can hand the request back soon after this
-        process dies; after it, whenever nothing else was sent for a heartbeat interval. A
-        failed send (the connection is down) is retried at the next tick."""
+        process dies; after it, whenever nothing else was sent for a heartbeat interval."""
         interval = self.config.heartbeat_interval
         while True:
             await asyncio.sleep(interval / 2)
             if job.started and time.monotonic() - reply.last_sent < interval:
                 continue
-            try:
-                await reply.send(HeartbeatChunk, started=job.started,
-                                 ack_subject=None if job.started else job.ack_subject)
-            except Exception as err:
-                log.debug("heartbeat of %s failed: %s", reply.request_id, err)
+            reply.heartbeat(job.started, None if job.started else job.ack_subject)
 
     # -- requests that never reach `_serve` ------------------------------------------------
 
@@ -247,13 +212,13 @@ class Worker:
         except (ValueError, KeyError, TypeError, AttributeError):
             return
         if isinstance(reply_to, str) and reply_to:
-            await _Reply(self.bus, request_id, reply_to, self.config.worker_id).error("invalid_request", str(error))
+            self._reply(request_id, reply_to).error("invalid_request", str(error))
 
     async def _answer_dropped(self, job: Job[GenerationRequest]) -> None:
         """A request past its deadline is told so; a cancelled one has nobody left to tell."""
         if job.state is JobState.EXPIRED:
-            reply = _Reply(self.bus, job.id, job.body.reply_to, self.config.worker_id, job.delivery)
-            await reply.error("deadline_exceeded", "the request expired before a worker took it")
+            self._reply(job.id, job.body.reply_to, job.delivery).error(
+                "deadline_exceeded", "the request expired before a worker took it")
 
     async def _on_cancel(self, cancel: CancelMessage) -> None:
         self._runner.cancel(cancel.request_id, cancel.reason)
