@@ -82,14 +82,14 @@ class Outbox:
             await self.flush()
 
     async def flush(self) -> None:
-        """Send everything pending now."""
-        pending, self._pending = self._pending, {}
+        """Send everything pending now, an inbox at a time (what is put meanwhile goes too)."""
         self._urgent = False
-        self.sends += 1
+        self.sends += 1  # deltas put from now on start new chunks
         self._last_send = asyncio.get_running_loop().time()
-        for inbox, items in pending.items():
-            chunks = [item.chunk() if isinstance(item, _OpenDelta) else item for item in items]
-            await self._send(inbox, chunks)
+        while self._pending:
+            inbox = next(iter(self._pending))
+            items = self._pending.pop(inbox)
+            await self._send(inbox, [item.chunk() if isinstance(item, _OpenDelta) else item for item in items])
 
     async def _send(self, inbox: str, chunks: list[Chunk]) -> None:
         try:

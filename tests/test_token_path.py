@@ -158,7 +158,8 @@ def test_the_streaming_detokenizer_equals_the_window_decoder(tokenizer, data):
     ids = data.draw(st.lists(st.integers(0, vocab - 1), max_size=24))
     tail = data.draw(st.lists(st.integers(0, vocab - 1), max_size=6))
     fast = IncrementalDetokenizer(tokenizer, tail)
-    assert fast.streaming  # SmolLM2's tokenizer is a fast one
+    # SmolLM2's tokenizer is a fast one: streamed, unless the prompt ends inside a character
+    assert fast.streaming != tokenizer.decode(tail, skip_special_tokens=True).endswith("\ufffd")
     window = IncrementalDetokenizer(tokenizer, tail, streaming=False)
     assert not window.streaming
     as_streamed = "".join(fast.push(i) for i in ids) + fast.flush()

@@ -32,6 +32,10 @@ class IncrementalDetokenizer:
         self._read = len(self._ids)
         backend = getattr(tokenizer, "backend_tokenizer", None)
         usable = streaming and DecodeStream is not None and isinstance(backend, Tokenizer)
+        # a prompt that ends inside a character (token ids cut mid-way) would lend its partial
+        # bytes to the first delta: such a stream takes the window decoder, which leaves them out
+        if usable and self._ids and self._decode(self._ids).endswith(REPLACEMENT):
+            usable = False
         self._backend = backend if usable else None
         if self.streaming:
             self._stream = DecodeStream(ids=self._ids, skip_special_tokens=True)
