@@ -11,6 +11,9 @@ from conftest import http_json, wait_for  # noqa: E402
 from test_faults import openai_client  # noqa: E402
 
 MODEL = "smollm2-vllm"
+# vLLM's first start on a machine compiles its kernels (about 4 minutes on 2 cores): the first
+# test's setup waits for it, so the module's tests get longer than the suite's 300 s
+pytestmark = pytest.mark.timeout(1200)
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
