@@ -25,9 +25,7 @@ class Mailbox:
 
     def put(self, chunk: Chunk) -> None:
         self._items.append(chunk)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self.wake()
 
     async def take(self) -> list[Chunk]:
         """Everything that arrived; waits for something or the next tick ([] then)."""
@@ -40,7 +38,8 @@ class Mailbox:
         items, self._items = self._items, []
         return items
 
-    def tick(self) -> None:
+    def wake(self) -> None:
+        """Let the waiting task look (at the chunks, or at its deadline and worker on a tick)."""
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -72,7 +71,7 @@ class Mailboxes:
         while True:
             await asyncio.sleep(TICK)
             for box in list(self._boxes.values()):
-                box.tick()
+                box.wake()
 
     def open(self, request_id: str) -> Mailbox:
         box = self._boxes[request_id] = Mailbox()
@@ -80,10 +79,6 @@ class Mailboxes:
 
     def close(self, request_id: str) -> None:
         self._boxes.pop(request_id, None)
-
-    @property
-    def open_count(self) -> int:
-        return len(self._boxes)
 
     def _on_chunks(self, chunks: list[Chunk]) -> None:
         boxes = self._boxes

@@ -142,22 +142,31 @@ class Bus(ObjectPlane):
         await self._joining(lambda: reconcile.ensure(self.js, spec), spec.label)
 
     async def _joining(self, step: Callable[[], Awaitable], what: str):
-        """Run one idempotent step of joining the fabric, retrying it with backoff for
-        `config.join_wait` seconds while JetStream does not answer (a server starting, a cluster
-        electing the stream's leader, a node too busy to answer within the request timeout);
-        the last error after that."""
+        """Run one idempotent step of joining the fabric, retrying it for `config.join_wait`
+        seconds while JetStream does not answer (a server starting, a cluster electing the
+        stream's leader, a node too busy to answer within the request timeout); the last error
+        after that."""
+        return await self._retrying(lambda _left: step(), self.config.join_wait, _JOIN_TRANSIENT,
+                                    delay=0.1, max_delay=2.0, what=what)
+
+    async def _retrying(self, step: Callable[[float], Awaitable], within: float,
+                        transient: tuple[type[BaseException], ...], *, delay: float, max_delay: float,
+                        what: str | None = None):
+        """`step(seconds left)`, retried with doubling backoff for `within` seconds while it
+        raises one of `transient` (logged when `what` names it); the last such error after that,
+        or at once when the connection is closed for good."""
         loop = asyncio.get_running_loop()
-        give_up = loop.time() + self.config.join_wait
-        delay = 0.1
+        give_up = loop.time() + within
         while True:
             try:
-                return await step()
-            except _JOIN_TRANSIENT as err:
+                return await step(give_up - loop.time())
+            except transient as err:
                 if self.nc.is_closed or loop.time() + delay > give_up:
                     raise
-                log.info("%s: JetStream did not answer (%s); retrying", what, type(err).__name__)
+                if what is not None:
+                    log.info("%s: JetStream did not answer (%s); retrying", what, type(err).__name__)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                delay = min(delay * 2, max_delay)
 
     async def ensure_contract(self) -> None:
         """Ensure every stream, bucket and object store; one error lists every mismatch."""
@@ -243,18 +252,13 @@ class Bus(ObjectPlane):
                      transient: tuple[type[BaseException], ...]) -> api.PubAck:
         """A JetStream publish that returns the server's acknowledgement, retried with backoff
         for `retry_for` seconds while the server does not answer; `_Unconfirmed` after that."""
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + retry_for
-        delay = 0.05
-        while True:
-            try:
-                timeout = max(min(2.0, give_up - loop.time()), 0.2)
-                return await self.js.publish(subject, payload, headers=headers, timeout=timeout)
-            except transient as err:
-                if self.nc.is_closed or loop.time() + delay > give_up:
-                    raise _Unconfirmed(type(err).__name__) from None
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.5)
+        def publish(left: float):
+            return self.js.publish(subject, payload, headers=headers, timeout=max(min(2.0, left), 0.2))
+
+        try:
+            return await self._retrying(publish, retry_for, transient, delay=0.05, max_delay=0.5)
+        except transient as err:
+            raise _Unconfirmed(type(err).__name__) from None
 
     # -- the event plane: JetStream, replayable ------------------------------------------------
 

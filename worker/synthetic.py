@@ -92,8 +92,6 @@ class SyntheticBackend:
                 while seq.produced < i:
                     seq.wake = loop.create_future()
                     await seq.wake
-                if i == last:
-                    self._steps.running.discard(seq)  # done: the engine stops stepping it
                 yield TokenEvent(self.token_id, "length" if i == last else None)
         finally:
             self._steps.running.discard(seq)  # finished, or closed early (cancelled)
