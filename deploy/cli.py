@@ -195,6 +195,18 @@ def setup_logging(args) -> None:
         logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
+def event_loop_factory():
+    """uvloop's event loop where it is installed (the `fast` extra) and not turned off with
+    CHATFABRIC_LOOP=asyncio; the standard library's otherwise."""
+    if os.environ.get("CHATFABRIC_LOOP", "uvloop") == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def _run(args, command: Command) -> int:
     if not command.joins_bus:  # a client of the fabric, not a process on it: its own synchronous main
         try:
@@ -208,7 +220,8 @@ def _run(args, command: Command) -> int:
         from ..proto import tracing
 
         tracing.setup(f"chatfabric-{command.name}", getattr(args, "tracing", None))
-        asyncio.run(_main(args))
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+            runner.run(_main(args))
     except (ValueError, FileNotFoundError) as err:
         print(f"chatfabric {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -444,6 +444,8 @@ def test_worker_flags_are_validated():
 
     cli = str(Path(sys.executable).parent / "chatfabric")
     for flags, message in [(["--slot-length", "1"], "--slot-length must be at least 2"),
+                           (["--max-model-len", "1"], "--max-model-len must be at least 2"),
+                           (["--max-model-len", "9000"], "between 2 and the model's context length 8192, not 9000"),
                            (["--engine", "static"], "invalid choice: 'static'")]:
         done = subprocess.run([cli, "worker", *flags], capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and message in done.stderr

@@ -125,16 +125,23 @@ def test_context_too_long_is_400_with_openai_message(client):
                                             stream=True))
 
 
-@pytest.mark.timeout(900)  # the prefill alone is most of a minute on an idle 2-core machine
-def test_max_tokens_is_clamped_to_the_context(client, tokenizer):
-    prompt = "hello " * 8000
+def test_max_tokens_is_clamped_to_the_context(fabric, stack, client, tokenizer):
+    """A worker serving a shorter context than its model's (--max-model-len) says so in
+    /v1/models, clamps max_tokens to what the prompt leaves of it, and rejects what does not fit
+    (the same rule as at the model's own context, without generating thousands of tokens)."""
+    model, context = "clamped-context", 320
+    fabric.worker(model, "--max-model-len", str(context), "--max-concurrency", "2")
+    assert fabric.wait_workers(stack, model, 1)["max_model_len"] == context
+    prompt = "hello " * 250
     n_prompt = len(tokenizer(prompt)["input_ids"])
-    # an 8,000-token prefill takes most of a minute on a 2-core CPU: a longer client timeout
-    resp = client.with_options(timeout=600).completions.create(model=MODEL, prompt=prompt, max_tokens=100_000,
-                                                               extra_body={"ignore_eos": True})
+    resp = client.completions.create(model=model, prompt=prompt, max_tokens=100_000, extra_body={"ignore_eos": True})
     assert resp.usage.prompt_tokens == n_prompt
-    assert resp.usage.completion_tokens == 8192 - n_prompt
+    assert resp.usage.completion_tokens == context - n_prompt
     assert resp.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=model, prompt="hello " * context, max_tokens=1)
+    assert info.value.body["code"] == "context_length_exceeded"
+    assert f"maximum context length is {context} tokens" in info.value.message
 
 
 def test_api_keys(fabric, stack):

@@ -46,6 +46,9 @@ def add_args(p: argparse.ArgumentParser, several: bool = False) -> None:
                    help="requests served at once, batched together (default: %(default)s)")
     w.add_argument("--kv-cache-tokens", type=int,
                    help="KV cache budget in tokens (default: from free memory); requests that do not fit wait")
+    w.add_argument("--max-model-len", type=int,
+                   help="the context served: prompt plus answer, in tokens (default: the model's context length); "
+                   "a shorter one bounds every request and, with vLLM, the KV cache it reserves")
     w.add_argument("--prefill-chunk", type=int, default=512,
                    help="prompt tokens prefilled per engine step, so long prompts do not stall decoding")
     w.add_argument("--engine", choices=["auto", "padded", "slots"], default="auto",
@@ -60,7 +63,6 @@ def add_args(p: argparse.ArgumentParser, several: bool = False) -> None:
     v = p.add_argument_group("vllm backend")
     v.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs to shard the model over")
     v.add_argument("--gpu-memory-utilization", type=float, help="share of GPU memory vLLM may use")
-    v.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     v.add_argument("--vllm-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="any other vLLM engine argument, e.g. --vllm-arg enforce_eager=true (repeatable)")
     w.add_argument(
@@ -144,6 +146,8 @@ async def load(args):
         raise ValueError("--prefill-chunk must be positive")
     if args.slot_length is not None and args.slot_length < 2:
         raise ValueError("--slot-length must be at least 2")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise ValueError("--max-model-len must be at least 2")
     if args.backend == "vllm":
         from .vllm_backend import VLLMBackend
 
@@ -162,7 +166,8 @@ async def load(args):
         if args.synthetic_delay and args.synthetic_step_ms:
             raise ValueError("give --synthetic-delay or --synthetic-step-ms, not both")
         tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(path))
-        backend = SyntheticBackend(tokenizer, token_delay=args.synthetic_delay, step=args.synthetic_step_ms / 1000)
+        backend = SyntheticBackend(tokenizer, token_delay=args.synthetic_delay, step=args.synthetic_step_ms / 1000,
+                                   **({"context_length": args.max_model_len} if args.max_model_len else {}))
     else:
         from .hf import HFBackend
 
@@ -170,6 +175,7 @@ async def load(args):
             HFBackend.load, path, args.device, args.dtype,
             max_batch=args.max_concurrency, kv_cache_tokens=args.kv_cache_tokens, prefill_chunk=args.prefill_chunk,
             engine=args.engine, slot_length=args.slot_length, cuda_graphs=args.cuda_graphs,
+            max_model_len=args.max_model_len,
         )
     prompts = PromptBuilder(backend.tokenizer, args.conv_template)
     if not prompts.can_chat:

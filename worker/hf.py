@@ -104,11 +104,16 @@ class HFBackend:
 
     def __init__(self, model, tokenizer, device: str, *, max_batch: int = 16,
                  kv_cache_tokens: int | None = None, prefill_chunk: int = 512, engine: str = "auto",
-                 slot_length: int | None = None, cuda_graphs: bool | None = None):
+                 slot_length: int | None = None, cuda_graphs: bool | None = None, max_model_len: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
         self.context_length = context_length_of(model.config)
+        if max_model_len is not None:
+            if not 2 <= max_model_len <= self.context_length:
+                raise ValueError(f"--max-model-len must be between 2 and the model's context length "
+                                 f"{self.context_length}, not {max_model_len}")
+            self.context_length = max_model_len
         self.eos_token_ids = eos_ids_of(model, tokenizer)
         self.generation_defaults = generation_defaults_of(model)
         if any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=model.config).layers):
