@@ -361,3 +361,15 @@ def test_grouped_sdpa_matches_transformers_sdpa_with_a_padding_mask():
     assert not use_grouped_sdpa(LlamaForCausalLM(LlamaConfig(  # no grouped-query attention: left as is
         hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
         vocab_size=100, attn_implementation="sdpa")))
+
+
+def test_a_tokenizer_larger_than_the_models_embeddings_is_refused_at_load(tokenizer):
+    """Otherwise its higher token ids fail every request that holds one, as an internal error."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from chatfabric.worker.hf import HFBackend
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=1024)).eval()
+    with pytest.raises(ValueError, match=f"the tokenizer has {len(tokenizer)} tokens but the model embeds only 1024"):
+        HFBackend(model, tokenizer, "cpu", kv_cache_tokens=256)

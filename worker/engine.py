@@ -59,7 +59,7 @@ class Stage(Enum):
 class _Seq:
     prompt_ids: list[int]
     sampling: Sampling
-    emit: Callable[[object], None]  # thread-safe: hands a TokenEvent or an exception to the caller
+    emit: Callable[[object], None]  # engine thread only: a TokenEvent or an exception for the caller (`_Deliveries`)
     reserved: int  # KV tokens reserved for this sequence (prompt + max_tokens)
     # sampling state, made on the engine thread by `prepare` (CUDA work stays off the event loop)
     generator: torch.Generator | None = None
@@ -162,6 +162,7 @@ class BatchEngine:
         self._batch = _Batch()
         self._reserved = 0
         self._closed = False
+        self._deliveries = _Deliveries()
         self.steps = 0  # decode iterations run (for tests and metrics)
         # called from the engine thread after each pass: (phase "prefill" or "decode", seconds,
         # sequences in it); worker/metrics.py records it. It must be cheap and never raise.
@@ -192,7 +193,8 @@ class BatchEngine:
             )
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        seq = _Seq(prompt_ids=list(prompt_ids), sampling=sampling, emit=_mailbox(loop, events), reserved=need)
+        seq = _Seq(prompt_ids=list(prompt_ids), sampling=sampling, emit=self._deliveries.to(loop, events),
+                   reserved=need)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the engine is closed")
@@ -233,7 +235,10 @@ class BatchEngine:
             except Exception as err:  # a failure that no pass could pin on its own sequences
                 log.exception("engine step failed")
                 self._fail_all(err)
+            finally:
+                self._deliveries.flush()
         self._fail_all(RuntimeError("the engine was closed"))
+        self._deliveries.flush()
 
     def _wait_for_work(self) -> list[_Seq] | None:
         """Block until there is work; the sequences submitted since the last iteration, or None
@@ -263,6 +268,7 @@ class BatchEngine:
         self._drop_aborted()
         prefilling, began = len(self._prefilling), time.perf_counter()
         self._prefill()
+        self._deliveries.flush()  # first tokens leave now, not after the decode pass
         decoding = [s for s in self._running if s.stage is Stage.RUNNING]
         prefilled = time.perf_counter()
         if decoding:
@@ -579,17 +585,36 @@ def varying_shape_attention(device: str):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def _mailbox(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Callable[[object], None]:
-    """A thread-safe put into an event loop's queue that is a no-op once that loop has closed."""
+class _Deliveries:
+    """What the engine thread emits during a pass, handed to the event loops at its end in one
+    thread-safe call per loop, not one per token: waking a loop from another thread is a
+    system call, and on a GPU a pass emits a token for every running sequence."""
 
-    def put(item: object) -> None:
-        if not loop.is_closed():
+    def __init__(self):
+        self._pending: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+
+    def to(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Callable[[object], None]:
+        """An emit for the engine thread: its items reach `queue` at the next `flush`."""
+
+        def emit(item: object) -> None:
+            self._pending.setdefault(loop, []).append((queue, item))
+
+        return emit
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        for loop, items in pending.items():
+            if loop.is_closed():  # its callers are gone: nothing waits for these
+                continue
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
+                loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:  # closed between the check and the call
                 pass
 
-    return put
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
 
 
 def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:

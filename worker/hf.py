@@ -114,6 +114,10 @@ class HFBackend:
                 raise ValueError(f"--max-model-len must be between 2 and the model's context length "
                                  f"{self.context_length}, not {max_model_len}")
             self.context_length = max_model_len
+        embedded = model.get_input_embeddings().num_embeddings
+        if len(tokenizer) > embedded:
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model embeds only {embedded}: "
+                             "they do not belong together")
         self.eos_token_ids = eos_ids_of(model, tokenizer)
         self.generation_defaults = generation_defaults_of(model)
         if any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=model.config).layers):
