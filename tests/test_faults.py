@@ -243,13 +243,13 @@ def test_graceful_shutdown_finishes_started_requests(fabric, stack):
 
 def test_requests_beyond_the_kv_budget_wait_in_the_stream(fabric, stack):
     model = "small-cache"
-    fabric.worker(model, "--kv-cache-tokens", "250", "--max-concurrency", "4")
+    fabric.worker(model, "--kv-cache-tokens", "150", "--max-concurrency", "4")
     fabric.wait_workers(stack, model, 1)
     client = openai_client(stack)
-    ask = lambda i: client.chat.completions.create(  # noqa: E731  ~40 prompt + 100 = ~140 KV tokens each
-        model=model, messages=[{"role": "user", "content": f"Say {i}."}], max_tokens=100, extra_body=LONG)
+    ask = lambda i: client.chat.completions.create(  # noqa: E731  ~40 prompt + 60 = ~100 KV tokens each: one fits
+        model=model, messages=[{"role": "user", "content": f"Say {i}."}], max_tokens=60, extra_body=LONG)
     calls = [Background(lambda i=i: ask(i)) for i in range(4)]
-    assert [c.value(timeout=240).usage.completion_tokens for c in calls] == [100] * 4
+    assert [c.value(timeout=240).usage.completion_tokens for c in calls] == [60] * 4
     # a request that can never fit is refused, not left waiting
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=400)
