@@ -196,7 +196,7 @@ def setup_logging(args) -> None:
 
 
 def event_loop_factory():
-    """uvloop's event loop (a dependency on Linux and macOS: it spends about a fifth less CPU per
+    """uvloop's event loop (a dependency on Linux and macOS: it spends about a tenth less CPU per
     streamed token, docs/performance.md) unless CHATFABRIC_LOOP=asyncio asks for the standard
     library's, which is also the one where uvloop is not installed."""
     if os.environ.get("CHATFABRIC_LOOP", "uvloop") == "asyncio":
