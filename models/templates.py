@@ -79,13 +79,24 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         self.conv_template = conv_template
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        # a fast tokenizer's own Rust tokenizer, where it has no truncation or padding of its own
+        # to undo: the same ids as calling the tokenizer, without its Python wrapper per call
+        # (146 -> 61 us for a short prompt)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._backend = backend if backend is not None and backend.truncation is None and backend.padding is None \
+            else None
+
+    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        if self._backend is not None:
+            return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     @property
     def can_chat(self) -> bool:
         return self.conv_template is not None or self.has_chat_template
 
     def chat_ids(self, messages: Sequence[ChatMessage]) -> list[int]:
-        return list(self.tokenizer(self.chat_text(messages), add_special_tokens=False)["input_ids"])
+        return self.encode(self.chat_text(messages), add_special_tokens=False)
 
     def chat_text(self, messages: Sequence[ChatMessage]) -> str:
         """The prompt text for `messages`, ending with the generation prompt (the assistant's
@@ -107,7 +118,7 @@ class PromptBuilder:
 
     def completion_ids(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
-            return list(self.tokenizer(prompt)["input_ids"])
+            return self.encode(prompt, add_special_tokens=True)
         vocab = len(self.tokenizer)
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:

@@ -236,6 +236,29 @@ def test_prompt_builder_uses_the_model_template(tokenizer):
         PromptBuilder(tokenizer, "nope")
 
 
+@given(st.text(max_size=200))
+def test_prompt_builder_encodes_as_the_tokenizer_does(tokenizer, text):
+    """The Rust tokenizer called directly gives the tokenizer's own ids, special tokens or not,
+    and a tokenizer that truncates is called as it is (its truncation is the wrapper's to undo)."""
+    builder = PromptBuilder(tokenizer)
+    assert builder._backend is not None
+    for special in (True, False):
+        assert builder.encode(text, add_special_tokens=special) == \
+            tokenizer(text, add_special_tokens=special)["input_ids"]
+    assert builder.encode(text + "<|im_end|>", add_special_tokens=False)[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_prompt_builder_leaves_a_truncating_backend_to_its_tokenizer(tokenizer):
+    import copy
+
+    truncating = copy.deepcopy(tokenizer)
+    truncating.backend_tokenizer.enable_truncation(4)
+    builder = PromptBuilder(truncating)
+    assert builder._backend is None
+    long = "one two three four five six seven eight"
+    assert builder.encode(long, add_special_tokens=True) == tokenizer(long)["input_ids"]
+
+
 def test_prompt_builder_without_template_refuses_chat(tokenizer):
     class NoTemplate:
         chat_template = None

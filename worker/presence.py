@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib.metadata
 import logging
 import os
@@ -29,7 +30,9 @@ log = logging.getLogger(__name__)
 CARD_DEBOUNCE = 0.1  # seconds between two card puts when load changes often
 
 
+@functools.cache
 def version() -> str:
+    """The installed chatfabric's version (read once: reading package metadata scans the path)."""
     try:
         return importlib.metadata.version("chatfabric")
     except importlib.metadata.PackageNotFoundError:
@@ -44,6 +47,7 @@ class Presence:
         self.config = config
         self.backend = backend
         self.in_flight = in_flight
+        self.host = socket.gethostname()
         self.started_at = time.time()
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -57,7 +61,7 @@ class Presence:
             capacity=self.config.max_concurrency,
             in_flight=self.in_flight(),
             version=version(),
-            host=socket.gethostname(),
+            host=self.host,
             pid=os.getpid(),
             started_at=self.started_at,
             updated_at=time.time(),
