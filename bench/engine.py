@@ -74,8 +74,13 @@ def save_model(model, folder: Path, tokenizer: Path | None) -> None:
 
     if tokenizer is None:
         raise SystemExit("--save-model needs --tokenizer (a folder with tokenizer files)")
+    tok = AutoTokenizer.from_pretrained(str(tokenizer))
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if len(tok) > vocab:  # a worker would refuse the pair
+        raise SystemExit(f"--tokenizer has {len(tok)} tokens, more than this shape's vocabulary of {vocab}: "
+                         "pick a shape with the tokenizer's vocabulary (e.g. smollm2-tiny for SmolLM2's)")
     model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(str(tokenizer)).save_pretrained(folder)
+    tok.save_pretrained(folder)
     print(f"saved {folder}")
 
 

@@ -195,15 +195,24 @@ def setup_logging(args) -> None:
         logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
+LOOPS = ("uvloop", "asyncio")
+
+
 def event_loop_factory():
-    """uvloop's event loop (a dependency on Linux and macOS: it spends about a tenth less CPU per
-    streamed token, docs/performance.md) unless CHATFABRIC_LOOP=asyncio asks for the standard
-    library's, which is also the one where uvloop is not installed."""
-    if os.environ.get("CHATFABRIC_LOOP", "uvloop") == "asyncio":
+    """The event loop of a process on the bus: uvloop (a dependency where it builds: about a
+    tenth less CPU per streamed token, docs/performance.md) or, with CHATFABRIC_LOOP=asyncio,
+    the standard library's. Unset, it is uvloop where installed and the standard loop elsewhere."""
+    asked = os.environ.get("CHATFABRIC_LOOP", "")
+    if asked and asked not in LOOPS:
+        raise ValueError(f"CHATFABRIC_LOOP={asked!r}: give one of {', '.join(LOOPS)}")
+    if asked == "asyncio":
         return None
     try:
         import uvloop
     except ImportError:
+        if asked:
+            raise ValueError("CHATFABRIC_LOOP=uvloop, but uvloop is not installed (pip install uvloop)") from None
+        log.debug("uvloop is not installed: the standard event loop")
         return None
     return uvloop.new_event_loop
 

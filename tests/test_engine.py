@@ -175,6 +175,45 @@ def test_cancellation_frees_the_slot_and_the_budget(backend, prompts):
     assert is_idle(engine)
 
 
+def test_a_first_token_leaves_before_the_running_batch_decodes(backend, prompts):
+    """Tokens reach the event loop as soon as a pass has sampled them: a newcomer's first token
+    arrives while the decode pass of the same iteration (here held until released) still runs."""
+    import threading
+
+    engine = engine_like(backend)
+    budget = engine.kv_free_tokens
+    held, release = threading.Event(), threading.Event()
+    plain_decode = engine._decode
+
+    def decode_held_once_both_run():
+        if len(engine._running) >= 2 and not release.is_set():
+            held.set()
+            release.wait(60)
+        plain_decode()
+
+    engine._decode = decode_held_once_both_run
+
+    async def run():
+        running = engine.generate(prompts[0], sampling(backend, temperature=0, max_tokens=30, ignore_eos=True))
+        await running.__anext__()
+        newcomer = engine.generate(prompts[1], sampling(backend, temperature=0, max_tokens=3, ignore_eos=True))
+        try:
+            first = await asyncio.wait_for(newcomer.__anext__(), timeout=30)
+            await asyncio.to_thread(held.wait, 30)
+            assert held.is_set() and not release.is_set()  # the decode pass after it is still held
+        finally:
+            release.set()
+        rest = [event async for event in newcomer]
+        assert len([event async for event in running]) == 29
+        await until_idle(engine, budget)
+        return [first, *rest]
+
+    try:
+        assert len(asyncio.run(run())) == 3
+    finally:
+        engine.close()
+
+
 def test_kv_budget_is_respected(backend, prompts):
     engine = engine_like(backend, kv_budget_tokens=200)
     try:

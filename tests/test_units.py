@@ -236,27 +236,55 @@ def test_prompt_builder_uses_the_model_template(tokenizer):
         PromptBuilder(tokenizer, "nope")
 
 
-@given(st.text(max_size=200))
-def test_prompt_builder_encodes_as_the_tokenizer_does(tokenizer, text):
-    """The Rust tokenizer called directly gives the tokenizer's own ids, special tokens or not,
-    and a tokenizer that truncates is called as it is (its truncation is the wrapper's to undo)."""
-    builder = PromptBuilder(tokenizer)
-    assert builder._backend is not None
-    for special in (True, False):
-        assert builder.encode(text, add_special_tokens=special) == \
-            tokenizer(text, add_special_tokens=special)["input_ids"]
-    assert builder.encode(text + "<|im_end|>", add_special_tokens=False)[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
-
-
-def test_prompt_builder_leaves_a_truncating_backend_to_its_tokenizer(tokenizer):
+@pytest.fixture(scope="module")
+def bos_lowercase_tokenizer(tokenizer):
+    """SmolLM2's tokenizer with a post-processor that adds a start token and a lowercasing
+    normalizer: where the special-tokens flag and normalizing change the ids."""
     import copy
 
+    from tokenizers import normalizers, processors
+
+    changed = copy.deepcopy(tokenizer)
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    changed.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", start)])
+    changed.backend_tokenizer.normalizer = normalizers.Lowercase()
+    return changed
+
+
+@given(st.text(max_size=200))
+def test_prompt_builder_encodes_as_the_tokenizer_does(tokenizer, bos_lowercase_tokenizer, text):
+    """The Rust tokenizer called directly gives the tokenizer's own ids, with special tokens or
+    without, through a post-processor and a normalizer."""
+    for tok in (tokenizer, bos_lowercase_tokenizer):
+        builder = PromptBuilder(tok)
+        assert builder._backend is not None
+        for special in (True, False):
+            assert builder.encode(text, add_special_tokens=special) == tok(text, add_special_tokens=special)["input_ids"]
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert PromptBuilder(bos_lowercase_tokenizer).encode(text, add_special_tokens=True)[0] == start
+    assert PromptBuilder(tokenizer).encode(text + "<|im_end|>", add_special_tokens=False)[-1] == \
+        tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_prompt_builder_leaves_to_the_tokenizer_what_its_wrapper_changes(tokenizer):
+    """A class that encodes in its own way (CodeLlama's infilling) is called as it is, and so is
+    a Rust tokenizer left truncating (the wrapper turns that off per call)."""
+    import copy
+
+    class Infilling(type(tokenizer)):
+        def _encode_plus(self, *args, **kwargs):
+            return super()._encode_plus(*args, **kwargs)
+
+    infilling = copy.deepcopy(tokenizer)
+    infilling.__class__ = Infilling
+    assert PromptBuilder(infilling)._backend is None
     truncating = copy.deepcopy(tokenizer)
-    truncating.backend_tokenizer.enable_truncation(4)
     builder = PromptBuilder(truncating)
-    assert builder._backend is None
+    truncating.backend_tokenizer.enable_truncation(4)  # after the builder was made: checked per call
     long = "one two three four five six seven eight"
     assert builder.encode(long, add_special_tokens=True) == tokenizer(long)["input_ids"]
+    assert len(builder.encode(long, add_special_tokens=True)) > 4
 
 
 def test_prompt_builder_without_template_refuses_chat(tokenizer):
@@ -396,3 +424,27 @@ def test_a_tokenizer_larger_than_the_models_embeddings_is_refused_at_load(tokeni
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=1024)).eval()
     with pytest.raises(ValueError, match=f"the tokenizer has {len(tokenizer)} tokens but the model embeds only 1024"):
         HFBackend(model, tokenizer, "cpu", kv_cache_tokens=256)
+
+
+def test_the_event_loop_is_uvloop_unless_asked_otherwise(monkeypatch):
+    import sys
+
+    import uvloop
+
+    from chatfabric.deploy.cli import event_loop_factory
+
+    monkeypatch.delenv("CHATFABRIC_LOOP", raising=False)
+    assert event_loop_factory() is uvloop.new_event_loop
+    monkeypatch.setenv("CHATFABRIC_LOOP", "uvloop")
+    assert event_loop_factory() is uvloop.new_event_loop
+    monkeypatch.setenv("CHATFABRIC_LOOP", "asyncio")
+    assert event_loop_factory() is None
+    monkeypatch.setenv("CHATFABRIC_LOOP", "uv-loop")
+    with pytest.raises(ValueError, match="give one of uvloop, asyncio"):
+        event_loop_factory()
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # not installed
+    monkeypatch.setenv("CHATFABRIC_LOOP", "uvloop")
+    with pytest.raises(ValueError, match="uvloop is not installed"):
+        event_loop_factory()
+    monkeypatch.delenv("CHATFABRIC_LOOP")
+    assert event_loop_factory() is None  # the standard loop where uvloop does not build

@@ -107,8 +107,8 @@ def _turn_end(text: str, start: int, content: str, markers: tuple[str, ...], tur
     return pos + len(marker)
 
 
-def _ids(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+def _ids(prompts: PromptBuilder, text: str) -> list[int]:
+    return prompts.encode(text, add_special_tokens=False) if text else []
 
 
 def render_with_mask(prompts: PromptBuilder, messages: Sequence[ChatMessage], max_length: int,
@@ -121,16 +121,16 @@ def render_with_mask(prompts: PromptBuilder, messages: Sequence[ChatMessage], ma
         return Skip(sample_id, str(err))
     input_ids, labels, at = [], [], 0
     for start, end in spans:
-        prompt_ids = _ids(tokenizer, text[at:start])
-        answer_ids = _ids(tokenizer, text[start:end])
+        prompt_ids = _ids(prompts, text[at:start])
+        answer_ids = _ids(prompts, text[start:end])
         input_ids += prompt_ids + answer_ids
         labels += [IGNORE] * len(prompt_ids) + answer_ids
         at = end
-        served = _ids(tokenizer, text[:start])
+        served = _ids(prompts, text[:start])
         if served != input_ids[: len(served)] or len(served) != len(input_ids) - len(answer_ids):
             return Skip(sample_id, f"tokenization mismatch: the prompt before the answer ending at character {end} "
                         "tokenizes differently alone (as a worker serves it) than within the conversation")
-    whole = _ids(tokenizer, text)
+    whole = _ids(prompts, text)
     if whole != input_ids:
         first = next((i for i, (a, b) in enumerate(zip(whole, input_ids)) if a != b), min(len(whole), len(input_ids)))
         return Skip(sample_id, f"tokenization mismatch: the masked rendering differs from the full rendering at "

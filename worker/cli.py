@@ -48,7 +48,7 @@ def add_args(p: argparse.ArgumentParser, several: bool = False) -> None:
                    help="KV cache budget in tokens (default: from free memory); requests that do not fit wait")
     w.add_argument("--max-model-len", type=int,
                    help="the context served: prompt plus answer, in tokens (default: the model's context length); "
-                   "a shorter one bounds every request and, with vLLM, the KV cache it reserves")
+                   "a shorter one bounds every request, the slots engine's default slot length and vLLM's KV cache")
     w.add_argument("--prefill-chunk", type=int, default=512,
                    help="prompt tokens prefilled per engine step, so long prompts do not stall decoding")
     w.add_argument("--engine", choices=["auto", "padded", "slots"], default="auto",
@@ -167,7 +167,7 @@ async def load(args):
             raise ValueError("give --synthetic-delay or --synthetic-step-ms, not both")
         tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(path))
         backend = SyntheticBackend(tokenizer, token_delay=args.synthetic_delay, step=args.synthetic_step_ms / 1000,
-                                   **({"context_length": args.max_model_len} if args.max_model_len else {}))
+                                   context_length=args.max_model_len or SyntheticBackend.CONTEXT_LENGTH)
     else:
         from .hf import HFBackend
 

@@ -229,8 +229,8 @@ class BatchEngine:
 
     def _run(self) -> None:
         while (arrived := self._wait_for_work()) is not None:
-            self._accept(arrived)
             try:
+                self._accept(arrived)
                 self._step()
             except Exception as err:  # a failure that no pass could pin on its own sequences
                 log.exception("engine step failed")
@@ -268,7 +268,6 @@ class BatchEngine:
         self._drop_aborted()
         prefilling, began = len(self._prefilling), time.perf_counter()
         self._prefill()
-        self._deliveries.flush()  # first tokens leave now, not after the decode pass
         decoding = [s for s in self._running if s.stage is Stage.RUNNING]
         prefilled = time.perf_counter()
         if decoding:
@@ -436,7 +435,9 @@ class BatchEngine:
         batch costs one device sync, not one per row."""
         plain = [i for i, s in enumerate(seqs) if s is not None and s.plain_greedy]
         tokens = dict(zip(plain, logits[plain].argmax(-1).tolist())) if plain else {}
-        return [seq is not None and self._next_token(seq, logits[i], tokens.get(i)) for i, seq in enumerate(seqs)]
+        done = [seq is not None and self._next_token(seq, logits[i], tokens.get(i)) for i, seq in enumerate(seqs)]
+        self._deliveries.flush()  # the tokens leave now, before any re-layout of the cache after them
+        return done
 
     def _next_token(self, seq: _Seq, logits: torch.Tensor, token: int | None) -> bool:
         """Sample seq's next token (unless already picked) and hand it over. True when seq is

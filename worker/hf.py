@@ -46,6 +46,17 @@ def context_length_of(config) -> int:
     raise ValueError("cannot tell the model's context length from its config")
 
 
+def served_context(config, max_model_len: int | None) -> int:
+    """The context a worker serves: the model's, or a shorter `max_model_len`."""
+    model_context = context_length_of(config)
+    if max_model_len is None:
+        return model_context
+    if not 2 <= max_model_len <= model_context:
+        raise ValueError(f"--max-model-len must be between 2 and the model's context length {model_context}, "
+                         f"not {max_model_len}")
+    return max_model_len
+
+
 def generation_defaults_of(model) -> dict:
     """The sampling defaults a model ships in its generation config, in our parameter names."""
     gen = getattr(model, "generation_config", None)
@@ -108,13 +119,8 @@ class HFBackend:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
-        self.context_length = context_length_of(model.config)
-        if max_model_len is not None:
-            if not 2 <= max_model_len <= self.context_length:
-                raise ValueError(f"--max-model-len must be between 2 and the model's context length "
-                                 f"{self.context_length}, not {max_model_len}")
-            self.context_length = max_model_len
-        embedded = model.get_input_embeddings().num_embeddings
+        self.context_length = served_context(model.config, max_model_len)
+        embedded = model.get_input_embeddings().weight.shape[0]
         if len(tokenizer) > embedded:
             raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model embeds only {embedded}: "
                              "they do not belong together")
@@ -137,7 +143,7 @@ class HFBackend:
             cache_arg="cache" if "cache" in params else "past_key_values",
         )
         if slot_length is not None and not 2 <= slot_length <= self.context_length:
-            raise ValueError(f"slot length must be between 2 and the model's context length {self.context_length}")
+            raise ValueError(f"slot length must be between 2 and the context served, {self.context_length}")
         if engine == "slots":
             # each row holds a whole request: the context length, or the budget's share per row
             slot_length = slot_length or min(self.context_length, max(budget // max_batch, 2))
@@ -156,6 +162,9 @@ class HFBackend:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        from transformers import AutoConfig
+
+        served_context(AutoConfig.from_pretrained(str(path)), engine_args.get("max_model_len"))  # before the weights
         device = pick_device(device)
         torch_dtype = pick_dtype(dtype, device)
         tokenizer = AutoTokenizer.from_pretrained(str(path))

@@ -57,8 +57,9 @@ class SyntheticBackend:
     kind = "synthetic"
     device = "none"
     generation_defaults: dict = {}
+    CONTEXT_LENGTH = 8192  # the context it serves unless told otherwise (--max-model-len)
 
-    def __init__(self, tokenizer, context_length: int = 8192, token_text: str = " hello", token_delay: float = 0.0,
+    def __init__(self, tokenizer, context_length: int = CONTEXT_LENGTH, token_text: str = " hello", token_delay: float = 0.0,
                  step: float = 0.0):
         if token_delay < 0 or step < 0:
             raise ValueError("the synthetic backend's delay and step must not be negative")

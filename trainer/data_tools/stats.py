@@ -15,8 +15,8 @@ from .records import DEFAULT_MAX_LENGTH, scan, warn
 HISTOGRAM_EDGES = (128, 256, 512, 1024, 2048, 4096, 8192)
 
 
-def _tokens(tokenizer, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+def _tokens(prompts, text: str) -> int:
+    return len(prompts.encode(text, add_special_tokens=False)) if text else 0
 
 
 def compute_stats(paths: Sequence[str | Path], prompts, max_length: int = DEFAULT_MAX_LENGTH,
@@ -35,7 +35,7 @@ def compute_stats(paths: Sequence[str | Path], prompts, max_length: int = DEFAUL
             messages = record.conversation.messages
             for m in messages:
                 turns[m.role] += 1
-                tokens[m.role] += _tokens(prompts.tokenizer, m.content)
+                tokens[m.role] += _tokens(prompts, m.content)
             result = render_with_mask(prompts, messages, sys.maxsize, record.id)
             masks.add(result)
             if isinstance(result, Sample):
