@@ -587,9 +587,9 @@ def varying_shape_attention(device: str):
 
 
 class _Deliveries:
-    """What the engine thread emits during a pass, handed to the event loops at its end in one
-    thread-safe call per loop, not one per token: waking a loop from another thread is a
-    system call, and on a GPU a pass emits a token for every running sequence."""
+    """What the engine thread emits during a pass, handed to the event loops once the pass has
+    sampled it, in one thread-safe call per loop, not one per token: waking a loop from another
+    thread is a system call, and on a GPU a pass emits a token for every running sequence."""
 
     def __init__(self):
         self._pending: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}

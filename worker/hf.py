@@ -158,17 +158,16 @@ class HFBackend:
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", dtype: str = "auto", **engine_args) -> "HFBackend":
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        from transformers import AutoConfig
-
-        served_context(AutoConfig.from_pretrained(str(path)), engine_args.get("max_model_len"))  # before the weights
+        config = AutoConfig.from_pretrained(str(path))
+        served_context(config, engine_args.get("max_model_len"))  # refused before the weights load
         device = pick_device(device)
         torch_dtype = pick_dtype(dtype, device)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=torch_dtype)
         model.to(device).eval()
         use_grouped_sdpa(model)
         log.info("loaded %s on %s as %s", path, device, torch_dtype)
