@@ -200,8 +200,7 @@ class Bus(ObjectPlane):
     async def pull(self, spec: contract.ConsumerSpec, name: str) -> Pull:
         """Bind to (creating or updating if needed) the durable pull consumer `spec` declares."""
         await self.ensure(spec)
-        bound = await self._joining(lambda: self.js.pull_subscribe_bind(spec.name, stream=spec.stream), spec.label)
-        return Pull(bound, name)
+        return await self._joining(lambda: Pull(self.nc, spec.stream, spec.name, name).open(), spec.label)
 
     async def last_seq(self, stream: str) -> int:
         """The sequence of the last message `stream` holds (0 when empty);

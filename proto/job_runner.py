@@ -55,7 +55,6 @@ class JobRunner(Generic[B]):
         self._cancelled: _Recent[str] = _Recent(config.cancel_memory)  # jobs cancelled before they were pulled: reasons
         self._heard: _Recent[JobCancel] = _Recent(config.cancel_memory)  # the cancels `serve` heard
         self._cancels_job: Callable[[Job[B], JobCancel], bool] = lambda job, cancel: False
-        self._room_freed = asyncio.Event()
         self._held = False  # a job was handed back with hold_pulls and others still run
         self._draining = False
         self._keep_alive: asyncio.Task | None = None
@@ -67,7 +66,7 @@ class JobRunner(Generic[B]):
 
     @property
     def room(self) -> int:
-        """How many jobs the next fetch may ask for."""
+        """How many more jobs the runner may take now."""
         if self._held or self._draining:
             return 0
         return max(0, self.config.capacity - self.active)
@@ -121,7 +120,7 @@ class JobRunner(Generic[B]):
 
     async def pull(self, stop: asyncio.Event) -> None:
         """Fetch as many jobs as there is room for and start each, until `stop` is set."""
-        async for batch in self._pull.batches(stop, lambda: self.room, self.config.fetch_timeout, self._room_freed):
+        async for batch in self._pull.batches(stop, lambda: self.room, self.config.pull_expires):
             for msg in batch:
                 await self._admit(msg)
 
@@ -158,8 +157,8 @@ class JobRunner(Generic[B]):
     # -- one delivery ----------------------------------------------------------------------
 
     async def _admit(self, msg: Delivery) -> None:
-        if self._draining or self.active >= self.config.capacity:
-            await _settle(msg, "nak")  # more than we asked for: for another runner, or us later
+        if self.room == 0:
+            await _settle(msg, "nak")  # asked for before the room went (held, draining): for another runner
             return
         job = await self._receive(msg)
         if job is None:
@@ -236,7 +235,7 @@ class JobRunner(Generic[B]):
         self._jobs.pop(job.id, None)
         if job.state is not JobState.HANDED_BACK or not self._jobs:
             self._held = False  # room freed; with no job left, nothing else would free it
-        self._room_freed.set()
+        self._pull.room_freed()
         self._on_active_change()
 
     def _interrupt(self, job: Job[B], why: Interrupt) -> None:

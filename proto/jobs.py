@@ -159,14 +159,14 @@ class RunnerConfig:
     capacity: int  # jobs run at once; the runner never pulls more than it has room for
     keep_alive: float = 1.0  # seconds between in_progress for an unstarted job: well under ack_wait
     shutdown_grace: float = 30.0  # seconds started jobs get to finish when the runner drains
-    fetch_timeout: float = 1.0  # longest wait of one fetch: how long `stop` may go unnoticed
+    pull_expires: float = 1.0  # seconds each pull request lives: at `stop`, the longest wait for them to end
     cancel_memory: float = 600.0  # seconds a cancel for a job not yet pulled is remembered
 
     def __post_init__(self) -> None:
         if self.capacity < 1:
             raise ValueError("capacity must be at least 1")
-        if min(self.keep_alive, self.fetch_timeout, self.cancel_memory) <= 0 or self.shutdown_grace < 0:
-            raise ValueError("keep_alive, fetch_timeout and cancel_memory must be positive, shutdown_grace not negative")
+        if min(self.keep_alive, self.pull_expires, self.cancel_memory) <= 0 or self.shutdown_grace < 0:
+            raise ValueError("keep_alive, pull_expires and cancel_memory must be positive, shutdown_grace not negative")
 
 
 @dataclass(eq=False)

@@ -25,7 +25,7 @@ from chatfabric.proto.job_runner import JobRunner
 from chatfabric.proto.jobs import HandBack, Interrupt, Job, JobSpec, JobState, Refuse, RunnerConfig
 
 ACK_WAIT = 1.0  # seconds: short, so that a redelivery (or its absence) shows within the test
-FETCH_TIMEOUT = 0.3
+PULL_EXPIRES = 0.3
 HAND_BACK_DELAY = 0.2
 
 
@@ -100,9 +100,10 @@ class Queue:
         await self.nc.close()
 
     async def subscribe(self, nc=None):
-        js = (nc or self.nc).jetstream()
-        config = api.ConsumerConfig(ack_policy=api.AckPolicy.EXPLICIT, ack_wait=self.ack_wait)
-        return Pull(await js.pull_subscribe(self.subject, durable=self.durable, stream=self.stream, config=config), "test")
+        nc = nc or self.nc
+        config = api.ConsumerConfig(durable_name=self.durable, ack_policy=api.AckPolicy.EXPLICIT, ack_wait=self.ack_wait)
+        await nc.jetstream().add_consumer(self.stream, config)
+        return await Pull(nc, self.stream, self.durable, "test").open()
 
     async def publish(self, *tasks: Task | bytes) -> None:
         for task in tasks:
@@ -119,7 +120,7 @@ class Queue:
 @contextlib.asynccontextmanager
 async def running(queue: Queue, script: Script, nc=None, **config):
     """A runner pulling from `queue` in a task; yields (runner, stop, task)."""
-    config = {"keep_alive": 0.25, "fetch_timeout": FETCH_TIMEOUT, "shutdown_grace": 5.0, **config}
+    config = {"keep_alive": 0.25, "pull_expires": PULL_EXPIRES, "shutdown_grace": 5.0, **config}
     runner = JobRunner(await queue.subscribe(nc), KIND, script.handle, RunnerConfig(**config),
                        on_invalid=script.on_invalid, on_dropped=script.on_dropped, on_failed=script.on_failed)
     stop = asyncio.Event()
@@ -283,7 +284,7 @@ async def test_a_job_named_by_a_cancel_heard_earlier_is_dropped_when_pulled(serv
     script, cancels = Script(), asyncio.Queue()
     async with Queue(server.url) as queue:
         runner = JobRunner(await queue.subscribe(), KIND, script.handle,
-                           RunnerConfig(capacity=1, keep_alive=0.25, fetch_timeout=FETCH_TIMEOUT),
+                           RunnerConfig(capacity=1, keep_alive=0.25, pull_expires=PULL_EXPIRES),
                            on_dropped=script.on_dropped)
         stop = asyncio.Event()
         serving = asyncio.create_task(runner.serve(stop, cancels, lambda job, c: job.id.startswith(c.job_id)))
@@ -357,12 +358,60 @@ async def test_a_job_handed_back_holds_pulls_until_a_running_job_ends(server):
         assert await ended(handed) is JobState.HANDED_BACK and runner.room == 0
         await queue.publish(Task(id="after"))
         with pytest.raises(asyncio.TimeoutError):  # an unheld runner would fetch it at once
-            await script.next_call(timeout=2 * FETCH_TIMEOUT)
+            await script.next_call(timeout=2 * PULL_EXPIRES)
         assert (await queue.consumer()).num_pending == 1
         script.release.set()
         assert await ended(running_job) is JobState.DONE
         later = {(job.id, job.delivery) for job in [await script.next_call(), await script.next_call()]}
         assert later == {("too-big", 2), ("after", 1)}
+
+
+async def _taking(pull: Pull, stop: asyncio.Event, room, taken: list, wait: float, batches: list | None = None):
+    async for batch in pull.batches(stop, room, wait):
+        taken.extend(batch)
+        if batches is not None:
+            batches.append(len(batch))
+
+
+async def test_a_pull_keeps_its_room_asked_for_and_counts_what_is_owed_exactly(server):
+    """The requests outstanding ask for the room and no more, through expiries (each ends with
+    a status that gives back what it did not deliver) and deliveries (each takes one off)."""
+    async with Queue(server.url, ack_wait=30) as queue:
+        pull, stop, taken, batches = await queue.subscribe(), asyncio.Event(), [], []
+        taking = asyncio.create_task(_taking(pull, stop, lambda: 3 - len(taken), taken, PULL_EXPIRES, batches))
+        await eventually(lambda: batches.count(0) >= 3, "three requests to expire unfilled")
+        assert pull.asked == 3 and (await queue.consumer()).num_waiting >= 1
+        await queue.publish(Task(id="a"), Task(id="b"))
+        await eventually(lambda: len(taken) == 2, "both to be pushed")
+        await eventually(lambda: batches.count(0) >= 6, "three more expiries")
+        assert pull.asked == 1  # room for one: asked for again after each expiry, never more
+        await queue.publish(Task(id="c"), Task(id="d"))
+        await eventually(lambda: len(taken) == 3, "the third to be pushed")
+        assert (await queue.consumer()).num_pending == 1  # the fourth waits for room
+        stop.set()
+        await asyncio.wait_for(taking, 5)
+        assert pull.asked == 0
+
+
+async def test_a_pull_hands_back_what_arrives_while_it_stops(server):
+    """Deliveries to a request still outstanding at `stop` are naked, not left to ack_wait (30s
+    here); and the stop ends once nothing more is owed, not at the request's expiry."""
+    async with Queue(server.url, ack_wait=30) as queue:
+        pull, stop, taken = await queue.subscribe(), asyncio.Event(), []
+        taking = asyncio.create_task(_taking(pull, stop, lambda: 3 - len(taken), taken, wait=20.0))
+        await queue.publish(Task(id="held"))
+        await eventually(lambda: len(taken) == 1, "the first to be pushed")
+        stop.set()
+        await queue.publish(Task(id="late-1"), Task(id="late-2"))  # to the request still open
+        await asyncio.wait_for(taking, 5)  # well before the request's 20 s
+        assert len(taken) == 1
+        other, other_stop, retaken = await queue.subscribe(), asyncio.Event(), []
+        retaking = asyncio.create_task(_taking(other, other_stop, lambda: 5, retaken, PULL_EXPIRES))
+        await eventually(lambda: len(retaken) == 2, "the naked two to be taken again, long before ack_wait")
+        assert sorted((Task.model_validate_json(d.data).id, d.delivered) for d in retaken) == [
+            ("late-1", 2), ("late-2", 2)]
+        other_stop.set()
+        await asyncio.wait_for(retaking, 5)
 
 
 @pytest.mark.parametrize("module", ["chatfabric.proto.jobs", "chatfabric.worker.service"])
