@@ -136,10 +136,12 @@ class Worker:
         generated = pending = 0
         finish = "length"
         events = self.backend.generate(prompt_ids, sampling)
+        started = job.started
         try:
             async for event in events:
-                if not job.started:
+                if not started:
                     await job.start()  # the first token: the request is ours for good
+                    started = True
                 observed.token()
                 generated += 1
                 pending += 1
