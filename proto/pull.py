@@ -125,9 +125,8 @@ class Pull:
                 log.debug("%s: pull request ended without a count: %s %s", self.name, status,
                           msg.headers.get(DESCRIPTION, ""))
 
-    async def _ask(self, n: int, wait: float) -> None:
+    async def _ask(self, n: int, expires: float) -> None:
         loop = asyncio.get_running_loop()
-        expires = wait
         try:
             await self._nc.publish(self._next_subject, _pull_request(n, expires), reply=self._inbox)
         except nats.errors.ConnectionClosedError:
