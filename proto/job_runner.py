@@ -119,7 +119,7 @@ class JobRunner(Generic[B]):
             self._keep_alive.cancel()
 
     async def pull(self, stop: asyncio.Event) -> None:
-        """Fetch as many jobs as there is room for and start each, until `stop` is set."""
+        """Take as many jobs as there is room for and start each, until `stop` is set."""
         async for batch in self._pull.batches(stop, lambda: self.room, self.config.pull_expires):
             for msg in batch:
                 await self._admit(msg)

@@ -155,7 +155,7 @@ async def ended(job: Job, timeout: float = 5.0) -> JobState:
     return job.state
 
 
-async def test_it_fetches_no_more_than_its_capacity(server):
+async def test_it_takes_no_more_than_its_capacity(server):
     script = Script()
     async with Queue(server.url) as queue, running(queue, script, capacity=2) as (runner, _, _):
         await queue.publish(*(Task(id=f"j{i}") for i in range(5)))
@@ -357,7 +357,7 @@ async def test_a_job_handed_back_holds_pulls_until_a_running_job_ends(server):
         handed = await script.next_call()
         assert await ended(handed) is JobState.HANDED_BACK and runner.room == 0
         await queue.publish(Task(id="after"))
-        with pytest.raises(asyncio.TimeoutError):  # an unheld runner would fetch it at once
+        with pytest.raises(asyncio.TimeoutError):  # an unheld runner would take it at once
             await script.next_call(timeout=2 * PULL_EXPIRES)
         assert (await queue.consumer()).num_pending == 1
         script.release.set()
