@@ -72,13 +72,16 @@ def build_model(args):
 def save_model(model, folder: Path, tokenizer: Path | None) -> None:
     from transformers import AutoTokenizer
 
+    from ..worker.hf import check_vocabulary
+
     if tokenizer is None:
         raise SystemExit("--save-model needs --tokenizer (a folder with tokenizer files)")
     tok = AutoTokenizer.from_pretrained(str(tokenizer))
-    vocab = model.get_input_embeddings().weight.shape[0]
-    if len(tok) > vocab:  # a worker would refuse the pair
-        raise SystemExit(f"--tokenizer has {len(tok)} tokens, more than this shape's vocabulary of {vocab}: "
-                         "pick a shape with the tokenizer's vocabulary (e.g. smollm2-tiny for SmolLM2's)")
+    try:
+        check_vocabulary(tok, model)  # as a worker would, at load
+    except ValueError as err:
+        raise SystemExit(f"--tokenizer: {err}; pick a shape with the tokenizer's vocabulary "
+                         "(e.g. smollm2-tiny for SmolLM2's)") from None
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     print(f"saved {folder}")

@@ -57,6 +57,14 @@ def served_context(config, max_model_len: int | None) -> int:
     return max_model_len
 
 
+def check_vocabulary(tokenizer, model) -> None:
+    """A tokenizer that gives ids past the model's embeddings does not belong to it: ValueError."""
+    embedded = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > embedded:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model embeds only {embedded}: "
+                         "they do not belong together")
+
+
 def generation_defaults_of(model) -> dict:
     """The sampling defaults a model ships in its generation config, in our parameter names."""
     gen = getattr(model, "generation_config", None)
@@ -120,10 +128,7 @@ class HFBackend:
         self.tokenizer = tokenizer
         self.device = device
         self.context_length = served_context(model.config, max_model_len)
-        embedded = model.get_input_embeddings().weight.shape[0]
-        if len(tokenizer) > embedded:
-            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model embeds only {embedded}: "
-                             "they do not belong together")
+        check_vocabulary(tokenizer, model)
         self.eos_token_ids = eos_ids_of(model, tokenizer)
         self.generation_defaults = generation_defaults_of(model)
         if any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=model.config).layers):
