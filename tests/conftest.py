@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from chatfabric.proto.bus import BusConfig, connect
-from chatfabric.proto.embedded import EmbeddedServer, free_port
+from chatfabric.proto.embedded import EmbeddedServer, free_port, port_is_free
 from chatfabric.models.default_model import DEFAULT_MODEL_NAME, ensure_default_model
 
 CHATFABRIC = str(Path(sys.executable).parent / "chatfabric")
@@ -26,6 +27,28 @@ FAST_BUS_ENV = {
     "CHATFABRIC_ACK_WAIT": "3",
     "CHATFABRIC_REGISTRY_TTL": "3",
 }
+
+
+_RESTARTABLE_PORTS: set[int] = set()  # handed out in this session: never twice
+
+
+def restartable_port() -> int:
+    """A free loopback port below the kernel's ephemeral range, for a server that a test stops and
+    starts again on the same port. A port from `free_port` lies inside that range: while its server
+    is down, any socket given an ephemeral port (another listener on port 0, a connection's local
+    port, such as one of the reconnecting clients' own) may take it, and the restart then fails
+    with "address already in use" (as a cluster node's did once). The kernel hands out no port
+    below the range on its own."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(100):
+        port = random.randrange(max(1024, low - 16384), low)
+        if port not in _RESTARTABLE_PORTS and port_is_free("127.0.0.1", port):
+            _RESTARTABLE_PORTS.add(port)
+            return port
+    raise OSError(f"no free port below the ephemeral range (which starts at {low})")
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
@@ -152,7 +175,7 @@ def tokenizer(model_dir):
 
 
 def make_fabric(model_dir: Path, tmp: Path, **bus_env) -> Fabric:
-    server = EmbeddedServer(port=free_port(), store_dir=tmp / "nats").start()
+    server = EmbeddedServer(port=restartable_port(), store_dir=tmp / "nats").start()
     env = {**os.environ, **FAST_BUS_ENV, **bus_env, "NATS_URL": server.url, "HF_HUB_OFFLINE": "1"}
     return Fabric(server=server, model_dir=model_dir, tmp=tmp, env=env)
 

@@ -54,7 +54,7 @@ from chatfabric.proto.embedded import free_port
 from chatfabric.proto.events import Vote
 from chatfabric.proto.replay import replay
 
-from conftest import FAST_BUS_ENV, Proc
+from conftest import FAST_BUS_ENV, Proc, restartable_port
 from deploy_files import NATS_DIR, render_nats_config, role_passwords, start_nats
 
 MODEL = "syn"
@@ -104,7 +104,7 @@ class Cluster:
     def __init__(self, tmp: Path, passwords: dict[str, str]):
         self.tmp = tmp
         self.passwords = passwords
-        self.nodes = [Node(f"nats-{i}", free_port(), free_port(), free_port(), tmp / f"nats-{i}") for i in (1, 2, 3)]
+        self.nodes = [Node(f"nats-{i}", *(restartable_port() for _ in range(3)), tmp / f"nats-{i}") for i in (1, 2, 3)]
 
     def render(self, node: Node) -> Path:
         replacements = {

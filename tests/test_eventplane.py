@@ -28,6 +28,8 @@ from chatfabric.proto.events import ConversationLog, JobProgress, Vote
 from chatfabric.proto.messages import ChatMessage
 from chatfabric.proto.replay import Invalid, replay
 
+from conftest import restartable_port
+
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -57,7 +59,7 @@ class Restartable:
     """A server of one test that can be stopped and started again on its port and file store."""
 
     def __init__(self, store: Path):
-        self.port, self.store = free_port(), store
+        self.port, self.store = restartable_port(), store
         self.server = EmbeddedServer(port=self.port, store_dir=store).start()
 
     @property
@@ -130,7 +132,7 @@ class _Heard(logging.Handler):
 async def test_joining_waits_for_jetstream_and_names_it_when_it_never_answers(tmp_path):
     """A process that joins while JetStream does not answer yet (a server starting, a cluster
     electing leaders) retries for `join_wait`; a server without JetStream is named after that."""
-    port = free_port()
+    port = restartable_port()
     plain = await asyncio.create_subprocess_exec(find_nats_server(), "-a", "127.0.0.1", "-p", str(port),
                                                  stdout=asyncio.subprocess.DEVNULL,
                                                  stderr=asyncio.subprocess.DEVNULL)
