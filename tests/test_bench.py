@@ -100,3 +100,13 @@ def test_bench_counts_errors_by_kind(stack, tmp_path):
          "--warmup", "0", "--output", str(out), "--no-progress"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert json.loads(out.read_text())["errors"] == {"http_404": 3}
+
+
+def test_nats_hop_measures_each_kind_at_each_gap(tmp_path):
+    out = tmp_path / "hop.jsonl"
+    subprocess.run([str(Path(CHATFABRIC).parent / "python"), "-m", "chatfabric.bench.nats_hop", "--gaps-ms", "0,1",
+                    "--count", "5", "--output", str(out)], check=True, capture_output=True, timeout=60)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["kind"], r["gap_ms"], r["n"]) for r in rows] == [
+        ("core", 0.0, 5), ("jetstream", 0.0, 5), ("core", 1.0, 5), ("jetstream", 1.0, 5)]
+    assert all(0 < r["p50_ms"] <= r["p90_ms"] for r in rows)
