@@ -236,6 +236,71 @@ def test_kv_budget_is_respected(backend, prompts):
         engine.close()
 
 
+def conversation(backend, answer_ids: list[int] | None = None) -> list[int]:
+    """A first turn long enough for its prefix to be reused (about 115 tokens), or with
+    `answer_ids` the second turn after that answer."""
+    builder = PromptBuilder(backend.tokenizer)
+    first = ChatMessage(role="user", content="Tell me a story about a dragon and a knight who become friends. " * 6)
+    if answer_ids is None:
+        return builder.chat_ids([first])
+    answer = backend.tokenizer.decode(answer_ids, skip_special_tokens=True)
+    return builder.chat_ids([first, ChatMessage(role="assistant", content=answer),
+                             ChatMessage(role="user", content="And then?")])
+
+
+def test_a_next_turn_prefills_only_what_the_prefix_cache_lacks_and_answers_the_same(backend):
+    if isinstance(backend.engine, SlotEngine):
+        assert not backend.engine.prefix_caching  # the slots layout keeps no finished rows
+        return
+    s = sampling(backend, temperature=0, max_tokens=24, ignore_eos=True)
+    cached, plain = engine_like(backend), engine_like(backend, prefix_cache=False)
+    try:
+        async def run():
+            first = conversation(backend)
+            answer = await tokens(cached, first, s)
+            await until_idle(cached, cached.kv_budget_tokens)
+            assert cached.prefix_cached_tokens == len(first) + len(answer) - 1  # all but the unfed last token
+            second = conversation(backend, answer)
+            return first, second, await tokens(cached, second, s), await tokens(plain, second, s)
+
+        first, second, reused, recomputed = asyncio.run(run())
+        assert reused == recomputed
+        hits = cached._prefixes
+        assert hits.hits == 1 and len(first) <= hits.reused_tokens < len(second)
+        assert plain.prefix_cached_tokens == 0 and not plain.prefix_caching
+    finally:
+        cached.close()
+        plain.close()
+
+
+def test_the_prefix_cache_gives_its_tokens_up_to_requests(backend, prompts):
+    """Cached and reserved tokens never exceed the budget: a request that needs the cache's room
+    evicts it, and a finished sequence is kept only in what reservations leave."""
+    if isinstance(backend.engine, SlotEngine):
+        return  # no prefix cache (see above)
+    budget = 300
+    engine = engine_like(backend, kv_budget_tokens=budget)
+    try:
+        async def run():
+            first = conversation(backend)
+            answer = await tokens(engine, first, sampling(backend, temperature=0, max_tokens=24, ignore_eos=True))
+            await until_idle(engine, budget)
+            held = engine.prefix_cached_tokens
+            assert held == len(first) + len(answer) - 1 and engine.kv_free_tokens == budget
+            big = sampling(backend, temperature=0, max_tokens=budget - len(prompts[0]) - held + 10, ignore_eos=True)
+            stream = engine.generate(prompts[0], big)
+            await stream.__anext__()
+            assert engine.prefix_cached_tokens == 0  # it had to give way
+            assert engine.prefix_cached_tokens + budget - engine.kv_free_tokens <= budget
+            await stream.aclose()
+            await until_idle(engine, budget)
+            assert engine.prefix_cached_tokens == 0  # an aborted sequence is not kept
+
+        asyncio.run(run())
+    finally:
+        engine.close()
+
+
 def test_chunked_prefill_matches_and_lets_others_decode(backend, prompts):
     long_prompt = backend.tokenizer("The history of the Roman Empire. " * 120)["input_ids"]
     assert len(long_prompt) > 700

@@ -448,3 +448,59 @@ def test_the_event_loop_is_uvloop_unless_asked_otherwise(monkeypatch):
         event_loop_factory()
     monkeypatch.delenv("CHATFABRIC_LOOP")
     assert event_loop_factory() is None  # the standard loop where uvloop does not build
+
+
+# -- the prefix cache --------------------------------------------------------------------------------
+
+
+def _kv(tokens) -> list:
+    """One layer whose keys and values hold each token id at its position: what a slice reads back
+    shows which tokens' KV it is."""
+    t = torch.tensor(tokens, dtype=torch.float32).view(1, 1, -1, 1)
+    return [(t, t.clone())]
+
+
+@given(st.lists(st.lists(st.integers(0, 3), min_size=0, max_size=12), max_size=8),
+       st.lists(st.integers(0, 3), min_size=0, max_size=14), st.integers(0, 40), st.integers(1, 4))
+def test_the_prefix_cache_reuses_the_longest_common_prefix_within_its_room(sequences, prompt, room, min_tokens):
+    from chatfabric.worker.prefix_cache import PrefixCache
+
+    cache = PrefixCache(min_tokens)
+    for tokens in sequences:
+        kept = cache.add(tokens, _kv(tokens), room)
+        assert kept == (min_tokens <= len(tokens) <= room)
+        assert cache.tokens <= room
+    held = list(cache._entries)
+    assert cache.tokens == sum(map(len, held))
+    assert not any(a != b and b[:len(a)] == a for a in held for b in held)  # an extended entry is dropped
+
+    def common(a):
+        n = 0
+        while n < min(len(a), len(prompt) - 1) and a[n] == prompt[n]:
+            n += 1
+        return n
+
+    best = max((common(a) for a in held), default=0)
+    hit = cache.match(prompt)
+    if best < min_tokens:
+        assert hit is None
+    else:
+        length, layers = hit
+        assert length == best < len(prompt)
+        assert layers[0][0][0, 0, :length, 0].tolist() == [float(t) for t in prompt[:length]]
+        assert cache.hits == 1 and cache.reused_tokens == length
+    cache.evict_to(room // 2)
+    assert cache.tokens <= room // 2 and cache.tokens == sum(map(len, cache._entries))
+
+
+def test_the_prefix_cache_evicts_the_least_recently_used_first():
+    from chatfabric.worker.prefix_cache import PrefixCache
+
+    cache = PrefixCache(2)
+    for tokens in ([1, 1, 1], [2, 2, 2], [3, 3, 3]):
+        cache.add(tokens, _kv(tokens), room=9)
+    assert cache.match([1, 1, 1, 9]) is not None  # [1, 1, 1] is the most recently used now
+    cache.add([4, 4, 4], _kv([4, 4, 4]), room=9)  # one must go: the least recently used, [2, 2, 2]
+    assert sorted(cache._entries) == [(1, 1, 1), (3, 3, 3), (4, 4, 4)]
+    with pytest.raises(ValueError):
+        PrefixCache(0)

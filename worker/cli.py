@@ -51,6 +51,9 @@ def add_args(p: argparse.ArgumentParser, several: bool = False) -> None:
                    "a shorter one bounds every request, the slots engine's default slot length and vLLM's KV cache")
     w.add_argument("--prefill-chunk", type=int, default=512,
                    help="prompt tokens prefilled per engine step, so long prompts do not stall decoding")
+    w.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="padded engine: do not keep finished sequences' KV for prompts that start with the same "
+                   "tokens (a conversation's next turn); kept by default, within the KV budget")
     w.add_argument("--engine", choices=["auto", "padded", "slots"], default="auto",
                    help="hf backend's batching engine: padded (a left-padded cache re-laid as requests come "
                    "and go) or slots (a preallocated cache row per request, CUDA graphs on CUDA); auto: "
@@ -175,7 +178,7 @@ async def load(args):
             HFBackend.load, path, args.device, args.dtype,
             max_batch=args.max_concurrency, kv_cache_tokens=args.kv_cache_tokens, prefill_chunk=args.prefill_chunk,
             engine=args.engine, slot_length=args.slot_length, cuda_graphs=args.cuda_graphs,
-            max_model_len=args.max_model_len,
+            max_model_len=args.max_model_len, prefix_cache=args.prefix_cache,
         )
     prompts = PromptBuilder(backend.tokenizer, args.conv_template)
     if not prompts.can_chat:

@@ -38,12 +38,16 @@ from typing import AsyncIterator, Callable, NamedTuple
 import torch
 
 from .backend import KVCacheFull, Sampling, TokenEvent, TooLargeForCache
+from .prefix_cache import PrefixCache
 from .sampling import make_generator, pick_token
 
 log = logging.getLogger(__name__)
 
 
 HOLE_PATIENCE = 8  # decode steps a hole may wait for a joining sequence before the batch is compacted
+# a cached prefix shorter than this is not reused: prefilling those few tokens together with the
+# other waiting prompts in one pass costs less than a pass of the prompt's own
+PREFIX_MIN_TOKENS = 64
 
 
 class Stage(Enum):
@@ -70,6 +74,8 @@ class _Seq:
     prefilled: int = 0
     generated: int = 0
     last_token: int = -1
+    output_ids: list[int] = field(default_factory=list)  # the tokens sampled so far
+    reused: int = 0  # prompt tokens whose KV came from the prefix cache
     aborted: bool = False
     stage: Stage = Stage.SUBMITTED
 
@@ -146,6 +152,7 @@ class BatchEngine:
         kv_budget_tokens: int,
         prefill_chunk: int = 512,
         cache_arg: str = "past_key_values",
+        prefix_cache: bool = True,
     ):
         if max_batch < 1 or kv_budget_tokens < 1 or prefill_chunk < 1:
             raise ValueError("max_batch, kv_budget_tokens and prefill_chunk must be positive")
@@ -161,6 +168,8 @@ class BatchEngine:
         self._prefilling: deque[_Seq] = deque()
         self._batch = _Batch()
         self._reserved = 0
+        # the KV of finished sequences (`prefix_cache.py`), within what reservations leave of the budget
+        self._prefixes = PrefixCache(PREFIX_MIN_TOKENS) if prefix_cache else None
         self._closed = False
         self._deliveries = _Deliveries()
         self.steps = 0  # decode iterations run (for tests and metrics)
@@ -176,7 +185,16 @@ class BatchEngine:
 
     @property
     def kv_free_tokens(self) -> int:
+        """KV tokens not reserved by requests (the prefix cache's are given up for them)."""
         return self.kv_budget_tokens - self._reserved
+
+    @property
+    def prefix_caching(self) -> bool:
+        return self._prefixes is not None
+
+    @property
+    def prefix_cached_tokens(self) -> int:
+        return self._prefixes.tokens if self._prefixes is not None else 0
 
     @property
     def max_request_tokens(self) -> int:
@@ -201,6 +219,8 @@ class BatchEngine:
             if need > self.kv_free_tokens:
                 raise KVCacheFull(f"{need} tokens needed, {self.kv_free_tokens} free")
             self._reserved += need
+            if self._prefixes is not None:
+                self._prefixes.evict_to(self.kv_free_tokens)
             self._incoming.append(seq)
             self._cond.notify()
         finished = False
@@ -257,6 +277,36 @@ class BatchEngine:
             self._prefilling.append(seq)
             with self._isolated("preparing a request", [seq]):
                 seq.prepare(self.device, self.vocab_size)
+                if self._prefixes is not None:
+                    self._reuse_prefix(seq)
+
+    def _reuse_prefix(self, seq: _Seq) -> None:
+        """Start seq's own cache from the longest cached prefix of its prompt, if any: only the
+        rest is prefilled (alone, as a chunked prompt is)."""
+        from transformers import DynamicCache
+
+        with self._cond:
+            hit = self._prefixes.match(seq.prompt_ids)
+        if hit is None:
+            return
+        length, layers = hit
+        cache = DynamicCache(config=self.model.config)
+        for index, (keys, values) in enumerate(layers):
+            cache.update(keys[:, :, :length], values[:, :, :length], index)
+        seq.cache, seq.prefilled, seq.reused = cache, length, length
+
+    def _keep_prefix(self, seq: _Seq, row: int) -> tuple[list[int], list] | None:
+        """What the prefix cache would keep of a sequence finishing in `row` of the running batch:
+        its tokens and a copy of its KV (all but its last token), or None."""
+        batch = self._batch
+        tokens = seq.prompt_ids + seq.output_ids[:-1]
+        pad = batch.pads[row]
+        if (seq.aborted or batch.width - pad != len(tokens) or len(tokens) < self._prefixes.min_tokens
+                or len(tokens) > self.kv_free_tokens):
+            return None
+        layers = [(layer.keys[row : row + 1, :, pad:].clone(), layer.values[row : row + 1, :, pad:].clone())
+                  for layer in batch.cache.layers]
+        return tokens, layers
 
     @property
     def _running(self) -> list[_Seq]:
@@ -455,6 +505,7 @@ class BatchEngine:
     def _emit(self, seq: _Seq, token: int) -> bool:
         seq.generated += 1
         seq.last_token = token
+        seq.output_ids.append(token)
         if seq.output_counts is not None:
             seq.output_counts[token] += 1
         if seq.seen is not None:
@@ -531,8 +582,13 @@ class BatchEngine:
             batch.holes_since = self.steps
 
     def _leave(self, rows: list[int]) -> None:
-        """Finished sequences leave holes; compact once holes wait too long."""
-        for seq in [self._batch.seqs[row] for row in rows]:
+        """Finished sequences leave holes (their KV kept in the prefix cache, as far as the budget
+        allows); compact once holes wait too long."""
+        for row in rows:
+            seq = self._batch.seqs[row]
+            if self._prefixes is not None and (kept := self._keep_prefix(seq, row)) is not None:
+                with self._cond:  # its reservation is back already (`_emit`): the room counts it
+                    self._prefixes.add(*kept, room=self.kv_free_tokens)
             self._drop(seq)
         if self._batch.live:
             self._compact_if_stale()

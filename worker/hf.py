@@ -123,7 +123,8 @@ class HFBackend:
 
     def __init__(self, model, tokenizer, device: str, *, max_batch: int = 16,
                  kv_cache_tokens: int | None = None, prefill_chunk: int = 512, engine: str = "auto",
-                 slot_length: int | None = None, cuda_graphs: bool | None = None, max_model_len: int | None = None):
+                 slot_length: int | None = None, cuda_graphs: bool | None = None, max_model_len: int | None = None,
+                 prefix_cache: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
@@ -156,10 +157,11 @@ class HFBackend:
         elif engine == "padded":
             if cuda_graphs:
                 raise ValueError("CUDA graphs need the slots engine (--engine slots)")
-            self.engine = BatchEngine(model, **common)
+            self.engine = BatchEngine(model, prefix_cache=prefix_cache, **common)
         else:
             raise ValueError(f"unknown engine {engine!r}: choose auto, padded or slots")
-        log.info("%s engine; KV cache budget: %d tokens, batch up to %d", engine, budget, max_batch)
+        log.info("%s engine; KV cache budget: %d tokens, batch up to %d%s", engine, budget, max_batch,
+                 ", prefix caching" if self.engine.prefix_caching else "")
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", dtype: str = "auto", **engine_args) -> "HFBackend":

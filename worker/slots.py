@@ -185,8 +185,9 @@ class SlotEngine(BatchEngine):
             self._static = torch.zeros(3, max_batch, dtype=torch.long, device=device)
             self._staging = torch.zeros(3, max_batch, dtype=torch.long).pin_memory()
             self._pool = torch.cuda.graph_pool_handle()
+        # no prefix cache: a row's KV would have to outlive its sequence (not built yet)
         super().__init__(model, vocab_size, device, max_batch=max_batch, kv_budget_tokens=kv_budget_tokens,
-                         prefill_chunk=prefill_chunk, cache_arg=cache_arg)
+                         prefill_chunk=prefill_chunk, cache_arg=cache_arg, prefix_cache=False)
         log.info("slot KV cache: %d rows x %d tokens, %.1f MiB%s", max_batch, slot_length,
                  self.cache.bytes / 2**20, ", CUDA graphs" if self.cuda_graphs else "")
         try:
