@@ -273,6 +273,19 @@ def test_a_next_turn_prefills_only_what_the_prefix_cache_lacks_and_answers_the_s
         plain.close()
 
 
+def test_the_prefix_cache_is_on_by_default_and_off_with_its_flag(backend):
+    from chatfabric.deploy.cli import build_parser
+
+    for flags, on in [([], True), (["--no-prefix-cache"], False)]:
+        args = build_parser().parse_args(["worker", *flags])
+        padded = HFBackend(backend.model, backend.tokenizer, "cpu", engine="padded", kv_cache_tokens=1_000,
+                           prefix_cache=args.prefix_cache)
+        try:
+            assert padded.engine.prefix_caching is on
+        finally:
+            padded.engine.close()
+
+
 def test_the_prefix_cache_gives_its_tokens_up_to_requests(backend, prompts):
     """Cached and reserved tokens never exceed the budget: a request that needs the cache's room
     evicts it, and a finished sequence is kept only in what reservations leave."""

@@ -504,3 +504,14 @@ def test_the_prefix_cache_evicts_the_least_recently_used_first():
     assert sorted(cache._entries) == [(1, 1, 1), (3, 3, 3), (4, 4, 4)]
     with pytest.raises(ValueError):
         PrefixCache(0)
+
+
+def test_the_vllm_backend_asks_for_prefix_caching_unless_told_otherwise(tmp_path):
+    from chatfabric.worker.cli import parse_vllm_args
+    from chatfabric.worker.vllm_backend import engine_args
+
+    common = dict(dtype="float32", tensor_parallel_size=1, max_model_len=None, max_num_seqs=4,
+                  gpu_memory_utilization=None)
+    assert engine_args(tmp_path, extra={}, **common)["enable_prefix_caching"] is True
+    off = engine_args(tmp_path, extra=parse_vllm_args(["enable_prefix_caching=false"]), **common)
+    assert off["enable_prefix_caching"] is False

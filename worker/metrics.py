@@ -1,9 +1,10 @@
 """A worker's Prometheus metrics and its requests' spans.
 
 Metrics, labelled by the model served (bounded: one label value per worker): requests running
-(started) and waiting (pulled, not started), KV cache capacity and use, prompt and generated
-tokens (tokens/s is `rate(chatfabric_worker_generated_tokens_total[1m])`), engine passes by
-phase (prefill, decode: time and sequences per pass), time to first token at the worker.
+(started) and waiting (pulled, not started), KV cache capacity and use, the tokens the prefix
+cache holds, prompt and generated tokens (tokens/s is
+`rate(chatfabric_worker_generated_tokens_total[1m])`), engine passes by phase (prefill, decode:
+time and sequences per pass), time to first token at the worker.
 `--metrics-port` serves them (`/metrics`, a thread of prometheus_client's); in `chatfabric up`
 the gateway's `/metrics` shows them as well (one process, one registry).
 
@@ -30,6 +31,8 @@ RUNNING = Gauge("chatfabric_worker_requests_running", "Requests generating now",
 WAITING = Gauge("chatfabric_worker_requests_waiting", "Requests pulled but not yet started", ["model"])
 KV_CAPACITY = Gauge("chatfabric_worker_kv_cache_tokens", "KV cache budget in tokens", ["model"])
 KV_USED = Gauge("chatfabric_worker_kv_cache_used_tokens", "KV cache tokens reserved by running requests", ["model"])
+PREFIX_CACHED = Gauge("chatfabric_worker_prefix_cache_tokens",
+                      "KV cache tokens of finished sequences kept for prompts that start with them", ["model"])
 PROMPT_TOKENS = Counter("chatfabric_worker_prompt_tokens_total", "Prompt tokens of requests served", ["model"])
 GENERATED = Counter("chatfabric_worker_generated_tokens_total", "Tokens generated", ["model"])
 REQUESTS = Counter("chatfabric_worker_requests_total", "Requests ended, by outcome", ["model", "outcome"])
@@ -59,6 +62,8 @@ def watch(model: str, runner_jobs, backend) -> None:
         KV_CAPACITY.labels(model).set(capacity)
         KV_USED.labels(model).set_function(lambda: capacity - backend.kv_free_tokens)
     engine = getattr(backend, "engine", None)
+    if getattr(engine, "prefix_caching", False):
+        PREFIX_CACHED.labels(model).set_function(lambda: engine.prefix_cached_tokens)
     if engine is not None and hasattr(engine, "on_pass"):
         seconds = {phase: PASS_SECONDS.labels(model, phase) for phase in ("prefill", "decode")}
         sizes = {phase: PASS_SIZE.labels(model, phase) for phase in ("prefill", "decode")}

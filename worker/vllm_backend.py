@@ -19,13 +19,16 @@ log = logging.getLogger(__name__)
 
 def engine_args(path: Path, *, dtype: str, tensor_parallel_size: int, max_model_len: int | None,
                 max_num_seqs: int, gpu_memory_utilization: float | None, extra: dict) -> dict:
-    """vLLM engine arguments from our flags; `extra` (from --vllm-arg KEY=VALUE) wins."""
+    """vLLM engine arguments from our flags; `extra` (from --vllm-arg KEY=VALUE) wins. vLLM's
+    automatic prefix caching is asked for explicitly (`--vllm-arg enable_prefix_caching=false`
+    turns it off): a conversation's next turn then prefills only its new tokens."""
     args = {
         "model": str(path),
         "dtype": dtype,
         "tensor_parallel_size": tensor_parallel_size,
         "max_num_seqs": max_num_seqs,
         "disable_log_stats": True,
+        "enable_prefix_caching": True,
     }
     if max_model_len is not None:
         args["max_model_len"] = max_model_len

@@ -1,0 +1,111 @@
+"""A conversation's second turn with and without the prefix cache: its time to first token
+against the first turn's (a cold prefill of the whole history).
+
+For each build flag set (the default, and `--no-prefix-cache`, alternating over `--rounds`)
+this starts `chatfabric up --no-arena` on the default model and holds `--conversations`
+conversations one after the other through the gateway's chat endpoint: a first user message of
+about `--history` tokens (distinct words per conversation, so nothing of it is cached before)
+answered with `--answer` tokens, then a short second message that carries the whole history:
+
+    python -m chatfabric.bench.prefix --history 1000 --output docs/results/prefix.jsonl
+
+It prints and writes, per server, the median TTFT of each turn and their ratio."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+from ..proto.embedded import free_port
+from .prompts import synthetic
+from .token_path import MODEL, Server
+
+SETUPS = {"prefix cache": (), "no prefix cache": ("--no-prefix-cache",)}
+
+
+async def turn(session: aiohttp.ClientSession, url: str, messages: list[dict],
+               max_tokens: int) -> tuple[float, str, int]:
+    """(TTFT in ms, the answer, prompt tokens) of one streamed greedy chat completion."""
+    body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    sent, first, parts, prompt_tokens = time.perf_counter(), None, [], 0
+    async with session.post(url, json=body) as resp:
+        resp.raise_for_status()
+        async for line in resp.content:
+            if not line.startswith(b"data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                prompt_tokens = chunk["usage"]["prompt_tokens"]
+            delta = chunk["choices"][0]["delta"].get("content") if chunk["choices"] else None
+            if delta:
+                first = first or time.perf_counter()
+                parts.append(delta)
+    if first is None:
+        raise RuntimeError("the answer had no text")
+    return (first - sent) * 1000, "".join(parts), prompt_tokens
+
+
+async def conversations(port: int, args, seed: int) -> dict:
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    firsts, seconds, lengths = [], [], []
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        # a warm-up conversation, not counted
+        for prompt in synthetic(args.conversations + 1, args.history, args.answer, seed=seed):
+            history = [{"role": "user", "content": prompt.text}]
+            ttft, answer, _ = await turn(session, url, history, args.answer)
+            history += [{"role": "assistant", "content": answer}, {"role": "user", "content": "Go on."}]
+            again, _, length = await turn(session, url, history, args.answer)
+            firsts.append(ttft)
+            seconds.append(again)
+            lengths.append(length)
+    firsts, seconds, lengths = firsts[1:], seconds[1:], lengths[1:]
+    return {"first_ttft_ms": statistics.median(firsts), "second_ttft_ms": statistics.median(seconds),
+            "ratio": statistics.median(s / f for f, s in zip(firsts, seconds)),
+            "first_all_ms": firsts, "second_all_ms": seconds, "second_prompt_tokens": lengths}
+
+
+async def run(args) -> None:
+    with tempfile.TemporaryDirectory(prefix="chatfabric-prefix-") as tmp:
+        for round_ in range(1, args.rounds + 1):
+            for name, flags in SETUPS.items():
+                port = free_port()
+                argv = [*shlex.split(args.chatfabric), "up", "--no-arena", "--port", str(port),
+                        "--nats-port", str(free_port()), "--data-dir", str(Path(tmp) / f"{round_}-{len(flags)}"), *flags]
+                async with Server(argv, port, Path(tmp) / f"{round_}-{len(flags)}.log", MODEL):
+                    row = await conversations(port, args, seed=round_)
+                row.update(setup=name, round=round_, history=args.history, answer=args.answer,
+                           date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+                print(f"round {round_} {name}: TTFT first turn {row['first_ttft_ms']:.0f} ms, second turn "
+                      f"{row['second_ttft_ms']:.0f} ms (x{row['ratio']:.2f}; second prompts of "
+                      f"{min(row['second_prompt_tokens'])}-{max(row['second_prompt_tokens'])} tokens)", flush=True)
+                if args.output:
+                    with open(args.output, "a") as out:
+                        out.write(json.dumps(row) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--history", type=int, default=1000, help="words of the first message (about tokens)")
+    parser.add_argument("--answer", type=int, default=32, help="tokens of each answer")
+    parser.add_argument("--conversations", type=int, default=5, help="measured conversations per server")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--chatfabric", default=f"{sys.executable} -m chatfabric.deploy.cli",
+                        help="the command that runs chatfabric (default: this Python's)")
+    parser.add_argument("--output", type=Path, help="append one JSON line per server to this file")
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
