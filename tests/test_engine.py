@@ -249,9 +249,6 @@ def conversation(backend, answer_ids: list[int] | None = None) -> list[int]:
 
 
 def test_a_next_turn_prefills_only_what_the_prefix_cache_lacks_and_answers_the_same(backend):
-    if isinstance(backend.engine, SlotEngine):
-        assert not backend.engine.prefix_caching  # the slots layout keeps no finished rows
-        return
     s = sampling(backend, temperature=0, max_tokens=24, ignore_eos=True)
     cached, plain = engine_like(backend), engine_like(backend, prefix_cache=False)
     try:
@@ -276,21 +273,20 @@ def test_a_next_turn_prefills_only_what_the_prefix_cache_lacks_and_answers_the_s
 def test_the_prefix_cache_is_on_by_default_and_off_with_its_flag(backend):
     from chatfabric.deploy.cli import build_parser
 
+    kind = "slots" if isinstance(backend.engine, SlotEngine) else "padded"
     for flags, on in [([], True), (["--no-prefix-cache"], False)]:
         args = build_parser().parse_args(["worker", *flags])
-        padded = HFBackend(backend.model, backend.tokenizer, "cpu", engine="padded", kv_cache_tokens=1_000,
-                           prefix_cache=args.prefix_cache)
+        made = HFBackend(backend.model, backend.tokenizer, "cpu", engine=kind, kv_cache_tokens=1_000,
+                         max_batch=2, prefix_cache=args.prefix_cache)
         try:
-            assert padded.engine.prefix_caching is on
+            assert made.engine.prefix_caching is on
         finally:
-            padded.engine.close()
+            made.engine.close()
 
 
 def test_the_prefix_cache_gives_its_tokens_up_to_requests(backend, prompts):
     """Cached and reserved tokens never exceed the budget: a request that needs the cache's room
     evicts it, and a finished sequence is kept only in what reservations leave."""
-    if isinstance(backend.engine, SlotEngine):
-        return  # no prefix cache (see above)
     budget = 300
     engine = engine_like(backend, kv_budget_tokens=budget)
     try:

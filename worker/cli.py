@@ -52,7 +52,7 @@ def add_args(p: argparse.ArgumentParser, several: bool = False) -> None:
     w.add_argument("--prefill-chunk", type=int, default=512,
                    help="prompt tokens prefilled per engine step, so long prompts do not stall decoding")
     w.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
-                   help="padded engine: do not keep finished sequences' KV for prompts that start with the same "
+                   help="hf backend: do not keep finished sequences' KV for prompts that start with the same "
                    "tokens (a conversation's next turn); kept by default, within the KV budget")
     w.add_argument("--engine", choices=["auto", "padded", "slots"], default="auto",
                    help="hf backend's batching engine: padded (a left-padded cache re-laid as requests come "

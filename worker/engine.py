@@ -75,7 +75,7 @@ class _Seq:
     generated: int = 0
     last_token: int = -1
     output_ids: list[int] = field(default_factory=list)  # the tokens sampled so far
-    reused: int = 0  # prompt tokens whose KV came from the prefix cache
+    prefix: tuple | None = None  # (length, layers): a cached prefix its prefill starts from
     aborted: bool = False
     stage: Stage = Stage.SUBMITTED
 
@@ -281,32 +281,26 @@ class BatchEngine:
                     self._reuse_prefix(seq)
 
     def _reuse_prefix(self, seq: _Seq) -> None:
-        """Start seq's own cache from the longest cached prefix of its prompt, if any: only the
-        rest is prefilled (alone, as a chunked prompt is)."""
-        from transformers import DynamicCache
-
+        """Let seq's prefill start after the longest cached prefix of its prompt, if any: only
+        the rest is prefilled (alone, as a chunked prompt is; the layout puts the prefix's KV in
+        place when the prefill begins)."""
         with self._cond:
             hit = self._prefixes.match(seq.prompt_ids)
-        if hit is None:
-            return
-        length, layers = hit
-        cache = DynamicCache(config=self.model.config)
-        for index, (keys, values) in enumerate(layers):
-            cache.update(keys[:, :, :length], values[:, :, :length], index)
-        seq.cache, seq.prefilled, seq.reused = cache, length, length
+        if hit is not None:
+            seq.prefix, seq.prefilled = hit, hit[0]
 
-    def _keep_prefix(self, seq: _Seq, row: int) -> tuple[list[int], list] | None:
-        """What the prefix cache would keep of a sequence finishing in `row` of the running batch:
-        its tokens and a copy of its KV (all but its last token), or None."""
-        batch = self._batch
+    def _keep_finished(self, seq: _Seq, copy_kv: Callable[[int], list | None]) -> None:
+        """Offer a sequence that finished to the prefix cache: its tokens (all but the last, whose
+        KV was never computed) and `copy_kv(n)`, a copy of the KV of its first n positions."""
+        if self._prefixes is None or seq.aborted:
+            return
         tokens = seq.prompt_ids + seq.output_ids[:-1]
-        pad = batch.pads[row]
-        if (seq.aborted or batch.width - pad != len(tokens) or len(tokens) < self._prefixes.min_tokens
-                or len(tokens) > self.kv_free_tokens):
-            return None
-        layers = [(layer.keys[row : row + 1, :, pad:].clone(), layer.values[row : row + 1, :, pad:].clone())
-                  for layer in batch.cache.layers]
-        return tokens, layers
+        if not self._prefixes.min_tokens <= len(tokens) <= self.kv_free_tokens:
+            return
+        layers = copy_kv(len(tokens))
+        if layers is not None:
+            with self._cond:  # its reservation is back already (`_emit`): the room counts it
+                self._prefixes.add(tokens, layers, room=self.kv_free_tokens)
 
     @property
     def _running(self) -> list[_Seq]:
@@ -439,6 +433,10 @@ class BatchEngine:
 
         if seq.cache is None:
             seq.cache = DynamicCache(config=self.model.config)
+            if seq.prefix is not None:
+                (length, layers), seq.prefix = seq.prefix, None
+                for index, (keys, values) in enumerate(layers):
+                    seq.cache.update(keys[:, :, :length].to(self.device), values[:, :, :length].to(self.device), index)
         chunk = seq.prompt_ids[seq.prefilled : seq.prefilled + self.prefill_chunk]
         logits = self._forward(torch.tensor([chunk], device=self.device), seq.cache)
         seq.prefilled += len(chunk)
@@ -584,11 +582,17 @@ class BatchEngine:
     def _leave(self, rows: list[int]) -> None:
         """Finished sequences leave holes (their KV kept in the prefix cache, as far as the budget
         allows); compact once holes wait too long."""
+        batch = self._batch
         for row in rows:
-            seq = self._batch.seqs[row]
-            if self._prefixes is not None and (kept := self._keep_prefix(seq, row)) is not None:
-                with self._cond:  # its reservation is back already (`_emit`): the room counts it
-                    self._prefixes.add(*kept, room=self.kv_free_tokens)
+            seq, pad = batch.seqs[row], batch.pads[row]
+
+            def copy_kv(n: int, row=row, pad=pad) -> list | None:
+                if batch.width - pad != n:
+                    return None  # not the columns it should hold: keep nothing
+                return [(layer.keys[row : row + 1, :, pad:].clone(), layer.values[row : row + 1, :, pad:].clone())
+                        for layer in batch.cache.layers]
+
+            self._keep_finished(seq, copy_kv)
             self._drop(seq)
         if self._batch.live:
             self._compact_if_stale()

@@ -153,7 +153,8 @@ class HFBackend:
         if engine == "slots":
             # each row holds a whole request: the context length, or the budget's share per row
             slot_length = slot_length or min(self.context_length, max(budget // max_batch, 2))
-            self.engine = SlotEngine(model, slot_length=slot_length, cuda_graphs=cuda_graphs, **common)
+            self.engine = SlotEngine(model, slot_length=slot_length, cuda_graphs=cuda_graphs, prefix_cache=prefix_cache,
+                                     **common)
         elif engine == "padded":
             if cuda_graphs:
                 raise ValueError("CUDA graphs need the slots engine (--engine slots)")

@@ -140,6 +140,18 @@ class SlotCache:
         for t in (*self.keys, *self.values):
             t[target, :, :length] = t[source, :, :length]
 
+    def copy_row(self, row: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A copy of the first `length` columns of a row, per layer, in host memory (the rows
+        take the whole budget on the device)."""
+        return [(k[row : row + 1, :, :length].to("cpu", copy=True), v[row : row + 1, :, :length].to("cpu", copy=True))
+                for k, v in zip(self.keys, self.values)]
+
+    def write_prefix(self, row: int, length: int, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Fill the first `length` columns of a row from `copy_row`'s layers."""
+        for k, v, (keys, values) in zip(self.keys, self.values, layers):
+            k[row, :, :length] = keys[0, :, :length]
+            v[row, :, :length] = values[0, :, :length]
+
 
 def batch_buckets(limit: int) -> list[int]:
     """Batch sizes to capture decode graphs for: 1, 2, 4, then multiples of 8, and `limit`."""
@@ -164,7 +176,7 @@ class SlotEngine(BatchEngine):
 
     def __init__(self, model, vocab_size: int, device: str, *, max_batch: int, kv_budget_tokens: int,
                  slot_length: int, prefill_chunk: int = 512, cache_arg: str = "past_key_values",
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, prefix_cache: bool = True):
         if slot_length < 2:
             raise ValueError("slot_length must be at least 2")
         self.slot_length = slot_length
@@ -185,9 +197,8 @@ class SlotEngine(BatchEngine):
             self._static = torch.zeros(3, max_batch, dtype=torch.long, device=device)
             self._staging = torch.zeros(3, max_batch, dtype=torch.long).pin_memory()
             self._pool = torch.cuda.graph_pool_handle()
-        # no prefix cache: a row's KV would have to outlive its sequence (not built yet)
         super().__init__(model, vocab_size, device, max_batch=max_batch, kv_budget_tokens=kv_budget_tokens,
-                         prefill_chunk=prefill_chunk, cache_arg=cache_arg, prefix_cache=False)
+                         prefill_chunk=prefill_chunk, cache_arg=cache_arg, prefix_cache=prefix_cache)
         log.info("slot KV cache: %d rows x %d tokens, %.1f MiB%s", max_batch, slot_length,
                  self.cache.bytes / 2**20, ", CUDA graphs" if self.cuda_graphs else "")
         try:
@@ -275,6 +286,10 @@ class SlotEngine(BatchEngine):
         """One prefill pass: the next chunk of one long prompt, or several whole short ones. A
         sequence whose prompt is done samples its first token and starts decoding."""
         start = seqs[0].prefilled  # 0 for a group
+        for seq in seqs:
+            if seq.prefix is not None:  # its prefill starts after a cached prefix: put it in its row
+                (length, layers), seq.prefix = seq.prefix, None
+                self.cache.write_prefix(seq.row, length, layers)
         chunks = [s.prompt_ids[start : start + self.prefill_chunk] for s in seqs]
         logits = self._prefill_pass(seqs, chunks, start)
         for seq, chunk in zip(seqs, chunks):
@@ -326,6 +341,7 @@ class SlotEngine(BatchEngine):
                 logits = self._decode_pass(n, length, torch.tensor([ids, positions, writes], device=self.device))
         self.steps += 1
         for seq in [s for s, done in zip(live, self._sample_rows(live, logits)) if done]:
+            self._keep_finished(seq, lambda n, row=seq.row: self.cache.copy_row(row, n))
             self._drop(seq)
 
     def _decode_pass(self, n: int, length: int, inputs: torch.Tensor) -> torch.Tensor:
