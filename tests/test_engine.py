@@ -270,6 +270,35 @@ def test_a_next_turn_prefills_only_what_the_prefix_cache_lacks_and_answers_the_s
         plain.close()
 
 
+def test_a_prefix_that_cannot_be_kept_fails_no_request(backend, prompts, monkeypatch):
+    engine = engine_like(backend)
+    budget = engine.kv_budget_tokens
+    long_run = sampling(backend, temperature=0, max_tokens=40, ignore_eos=True)
+
+    offered = []
+
+    def broken(tokens, *args, **kwargs):
+        offered.append(len(tokens))
+        raise MemoryError("no room for a copy")
+
+    try:
+        async def run():
+            alone = await tokens(engine, prompts[5], long_run)
+            monkeypatch.setattr(engine._prefixes, "add", broken)
+            # the first finishes (and is not kept) while the second still decodes in its batch
+            together = await asyncio.gather(tokens(engine, conversation(backend), sampling(
+                backend, temperature=0, max_tokens=8, ignore_eos=True)), tokens(engine, prompts[5], long_run))
+            await until_idle(engine, budget)
+            return alone, together
+
+        alone, (first, second) = asyncio.run(run())
+        assert len(first) == 8 and second == alone
+        assert len(conversation(backend)) + 7 in offered  # the first was offered, and the cache failed
+        assert engine.prefix_cached_tokens == 0
+    finally:
+        engine.close()
+
+
 def test_the_prefix_cache_is_on_by_default_and_off_with_its_flag(backend):
     from chatfabric.deploy.cli import build_parser
 

@@ -297,10 +297,13 @@ class BatchEngine:
         tokens = seq.prompt_ids + seq.output_ids[:-1]
         if not self._prefixes.min_tokens <= len(tokens) <= self.kv_free_tokens:
             return
-        layers = copy_kv(len(tokens))
-        if layers is not None:
-            with self._cond:  # its reservation is back already (`_emit`): the room counts it
-                self._prefixes.add(tokens, layers, room=self.kv_free_tokens)
+        try:
+            layers = copy_kv(len(tokens))
+            if layers is not None:
+                with self._cond:  # its reservation is back already (`_emit`): the room counts it
+                    self._prefixes.add(tokens, layers, room=self.kv_free_tokens)
+        except Exception:  # out of memory, say: the cache goes without it, no request fails for it
+            log.exception("could not keep a finished sequence's KV for the prefix cache")
 
     @property
     def _running(self) -> list[_Seq]:
