@@ -491,6 +491,8 @@ def test_the_prefix_cache_reuses_the_longest_common_prefix_within_its_room(seque
         assert cache.hits == 1 and cache.reused_tokens == length
     cache.evict_to(room // 2)
     assert cache.tokens <= room // 2 and cache.tokens == sum(map(len, cache._entries))
+    indexed = [key for keys in cache._by_head.values() for key in keys]
+    assert sorted(indexed) == sorted(cache._entries) and all(cache._by_head.values())
 
 
 def test_the_prefix_cache_evicts_the_least_recently_used_first():

@@ -4,7 +4,9 @@ turn of a conversation, a shared long system prompt) prefills only what follows 
 An entry is one finished sequence: its token ids (prompt and answer, less the last token, whose
 KV was never computed) and, per layer, its keys and values ([1, kv_heads, tokens, head_dim]).
 The KV at a position depends only on the tokens up to it, so any common prefix of a prompt and
-an entry can be reused, however the two go on. Entries are kept least recently used first and
+an entry can be reused, however the two go on. A reusable prefix is at least `min_tokens` long,
+so only entries that begin with a prompt's first `min_tokens` tokens are compared with it (they
+are indexed by those). Entries are kept least recently used first and
 counted in tokens; the engine evicts them whenever the KV budget is wanted by running requests
 (`evict_to`), so cached and reserved tokens together never exceed the budget.
 
@@ -27,6 +29,7 @@ class PrefixCache:
             raise ValueError("min_tokens must be positive")
         self.min_tokens = min_tokens  # shorter common prefixes are not reused (see `match`)
         self._entries: OrderedDict[tuple[int, ...], Layers] = OrderedDict()
+        self._by_head: dict[tuple[int, ...], set[tuple[int, ...]]] = {}  # first min_tokens tokens -> entries
         self.tokens = 0  # held, over all entries
         self.hits = 0  # prompts that reused a prefix
         self.reused_tokens = 0  # prompt tokens not prefilled thanks to it
@@ -39,7 +42,7 @@ class PrefixCache:
         (whose logits the first sampled token needs), as (length, that entry's layers); None
         when it is shorter than `min_tokens`. A hit makes the entry the most recently used."""
         best, best_key = 0, None
-        for key in self._entries:
+        for key in self._by_head.get(tuple(prompt[: self.min_tokens]), ()) if len(prompt) > self.min_tokens else ():
             n = _common_prefix(key, prompt, len(prompt) - 1)
             if n > best:
                 best, best_key = n, key
@@ -58,14 +61,17 @@ class PrefixCache:
         key = tuple(tokens)
         if len(key) < self.min_tokens or len(key) > room:
             return False
-        for held in self._entries:
+        head = key[: self.min_tokens]
+        same_head = self._by_head.get(head, set())
+        for held in same_head:
             if len(held) >= len(key) and held[: len(key)] == key:
                 self._entries.move_to_end(held)
                 self.evict_to(room)
                 return held in self._entries
-        for old in [k for k in self._entries if key[: len(k)] == k]:
+        for old in [k for k in same_head if key[: len(k)] == k]:
             self._drop(old)
         self._entries[key] = layers
+        self._by_head.setdefault(head, set()).add(key)
         self.tokens += len(key)
         self.evict_to(room)
         return True
@@ -80,6 +86,10 @@ class PrefixCache:
 
     def _drop(self, key: tuple[int, ...]) -> None:
         del self._entries[key]
+        head = key[: self.min_tokens]
+        self._by_head[head].discard(key)
+        if not self._by_head[head]:
+            del self._by_head[head]
         self.tokens -= len(key)
 
 
