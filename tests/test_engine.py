@@ -301,6 +301,19 @@ def test_a_prefix_that_cannot_be_kept_fails_no_request(backend, prompts, monkeyp
         engine.close()
 
 
+def test_the_prefix_cache_keeps_to_its_own_bound(backend):
+    kept = len(conversation(backend)) + 24 - 1  # the first turn, answered with 24 tokens
+    for bound, held in [(kept - 1, 0), (kept, kept)]:
+        engine = engine_like(backend, prefix_cache_tokens=bound)
+        try:
+            asyncio.run(tokens(engine, conversation(backend), sampling(backend, temperature=0, max_tokens=24,
+                                                                        ignore_eos=True)))
+            asyncio.run(until_idle(engine, engine.kv_budget_tokens))
+            assert engine.prefix_cache_tokens == bound and engine.prefix_cached_tokens == held
+        finally:
+            engine.close()
+
+
 def test_the_prefix_cache_is_on_by_default_and_off_with_its_flag(backend):
     from chatfabric.deploy.cli import build_parser
 

@@ -6,7 +6,9 @@ engine (`_step`) does three things, in the manner of nano-vllm's scheduler:
 1. admit: take newly submitted sequences and drop aborted ones (their slot frees at once);
 2. prefill: run up to `prefill_chunk` prompt tokens of waiting sequences: short prompts together
    in one left-padded pass, a long prompt alone over several iterations, so it never stalls the
-   others' decoding; a sequence whose prompt is done samples its first token and joins the batch;
+   others' decoding; a sequence whose prompt is done samples its first token and joins the batch.
+   A prompt that starts with a finished sequence's tokens (`prefix_cache.py`) prefills only the
+   rest, from that sequence's kept KV;
 3. decode: one forward pass over every running sequence, one token each.
 
 The running batch shares one left-padded KV cache: row r holds `pad[r]` padding columns, then
@@ -153,6 +155,7 @@ class BatchEngine:
         prefill_chunk: int = 512,
         cache_arg: str = "past_key_values",
         prefix_cache: bool = True,
+        prefix_cache_tokens: int | None = None,
     ):
         if max_batch < 1 or kv_budget_tokens < 1 or prefill_chunk < 1:
             raise ValueError("max_batch, kv_budget_tokens and prefill_chunk must be positive")
@@ -168,8 +171,10 @@ class BatchEngine:
         self._prefilling: deque[_Seq] = deque()
         self._batch = _Batch()
         self._reserved = 0
-        # the KV of finished sequences (`prefix_cache.py`), within what reservations leave of the budget
+        # the KV of finished sequences (`prefix_cache.py`), within what reservations leave of the
+        # budget and at most `prefix_cache_tokens` (default: the budget)
         self._prefixes = PrefixCache(PREFIX_MIN_TOKENS) if prefix_cache else None
+        self.prefix_cache_tokens = min(prefix_cache_tokens or kv_budget_tokens, kv_budget_tokens)
         self._closed = False
         self._deliveries = _Deliveries()
         self.steps = 0  # decode iterations run (for tests and metrics)
@@ -295,13 +300,13 @@ class BatchEngine:
         if self._prefixes is None or seq.aborted:
             return
         tokens = seq.prompt_ids + seq.output_ids[:-1]
-        if not self._prefixes.min_tokens <= len(tokens) <= self.kv_free_tokens:
+        if not self._prefixes.min_tokens <= len(tokens) <= min(self.kv_free_tokens, self.prefix_cache_tokens):
             return
         try:
             layers = copy_kv(len(tokens))
             if layers is not None:
                 with self._cond:  # its reservation is back already (`_emit`): the room counts it
-                    self._prefixes.add(tokens, layers, room=self.kv_free_tokens)
+                    self._prefixes.add(tokens, layers, room=min(self.kv_free_tokens, self.prefix_cache_tokens))
         except Exception:  # out of memory, say: the cache goes without it, no request fails for it
             log.exception("could not keep a finished sequence's KV for the prefix cache")
 

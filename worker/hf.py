@@ -153,8 +153,9 @@ class HFBackend:
         if engine == "slots":
             # each row holds a whole request: the context length, or the budget's share per row
             slot_length = slot_length or min(self.context_length, max(budget // max_batch, 2))
+            # its prefix cache lives in host memory: at most what a CPU's KV budget would be
             self.engine = SlotEngine(model, slot_length=slot_length, cuda_graphs=cuda_graphs, prefix_cache=prefix_cache,
-                                     **common)
+                                     prefix_cache_tokens=default_kv_budget(model.config, model.dtype, "cpu"), **common)
         elif engine == "padded":
             if cuda_graphs:
                 raise ValueError("CUDA graphs need the slots engine (--engine slots)")

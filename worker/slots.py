@@ -176,7 +176,7 @@ class SlotEngine(BatchEngine):
 
     def __init__(self, model, vocab_size: int, device: str, *, max_batch: int, kv_budget_tokens: int,
                  slot_length: int, prefill_chunk: int = 512, cache_arg: str = "past_key_values",
-                 cuda_graphs: bool | None = None, prefix_cache: bool = True):
+                 cuda_graphs: bool | None = None, prefix_cache: bool = True, prefix_cache_tokens: int | None = None):
         if slot_length < 2:
             raise ValueError("slot_length must be at least 2")
         self.slot_length = slot_length
@@ -198,7 +198,8 @@ class SlotEngine(BatchEngine):
             self._staging = torch.zeros(3, max_batch, dtype=torch.long).pin_memory()
             self._pool = torch.cuda.graph_pool_handle()
         super().__init__(model, vocab_size, device, max_batch=max_batch, kv_budget_tokens=kv_budget_tokens,
-                         prefill_chunk=prefill_chunk, cache_arg=cache_arg, prefix_cache=prefix_cache)
+                         prefill_chunk=prefill_chunk, cache_arg=cache_arg, prefix_cache=prefix_cache,
+                         prefix_cache_tokens=prefix_cache_tokens)
         log.info("slot KV cache: %d rows x %d tokens, %.1f MiB%s", max_batch, slot_length,
                  self.cache.bytes / 2**20, ", CUDA graphs" if self.cuda_graphs else "")
         try:
