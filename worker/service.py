@@ -55,9 +55,9 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then shut down gracefully: withdraw the card, hand back the
         requests that have not started, let started ones finish for the shutdown grace."""
-        psub = await self.bus.ensure_consumer(self.config.model_name)
+        pull = await self.bus.ensure_consumer(self.config.model_name)
         self._runner = runner = JobRunner(
-            psub, GENERATION, self._serve,
+            pull, GENERATION, self._serve,
             RunnerConfig(
                 capacity=self.config.max_concurrency,
                 keep_alive=self.config.heartbeat_interval / 2,  # at the token plane's heartbeat ticks
@@ -74,7 +74,7 @@ class Worker:
             try:
                 await runner.pull(stop)
             finally:
-                await psub.unsubscribe()
+                await pull.unsubscribe()
                 await cancels.unsubscribe()
                 await self.presence.withdraw()
 
