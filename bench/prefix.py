@@ -1,8 +1,9 @@
 """A conversation's second turn with and without the prefix cache: its time to first token
 against the first turn's (a cold prefill of the whole history).
 
-For each build flag set (the default, and `--no-prefix-cache`, alternating over `--rounds`)
-this starts `chatfabric up --no-arena` on the default model and holds `--conversations`
+For each setting (the default, and the prefix cache off, alternating over `--rounds`) this
+starts `chatfabric up --no-arena` on the default model (`--backend hf`, or `vllm`: vLLM's own
+prefix caching, on and off with `--vllm-arg`) and holds `--conversations`
 conversations one after the other through the gateway's chat endpoint: a first user message of
 about `--history` tokens (distinct words per conversation, so nothing of it is cached before)
 answered with `--answer` tokens, then a short second message that carries the whole history:
@@ -30,7 +31,11 @@ from ..proto.embedded import free_port
 from .prompts import synthetic
 from .token_path import MODEL, Server
 
-SETUPS = {"prefix cache": (), "no prefix cache": ("--no-prefix-cache",)}
+VLLM = ("--backend", "vllm", "--dtype", "float32", "--max-model-len", "2048")
+SETUPS = {
+    "hf": {"prefix cache": (), "no prefix cache": ("--no-prefix-cache",)},
+    "vllm": {"prefix cache": VLLM, "no prefix cache": (*VLLM, "--vllm-arg", "enable_prefix_caching=false")},
+}
 
 
 async def turn(session: aiohttp.ClientSession, url: str, messages: list[dict],
@@ -79,15 +84,15 @@ async def conversations(port: int, args, seed: int) -> dict:
 async def run(args) -> None:
     with tempfile.TemporaryDirectory(prefix="chatfabric-prefix-") as tmp:
         for round_ in range(1, args.rounds + 1):
-            for name, flags in SETUPS.items():
-                port = free_port()
+            for index, (name, flags) in enumerate(SETUPS[args.backend].items()):
+                port, folder = free_port(), Path(tmp) / f"{round_}-{index}"
                 argv = [*shlex.split(args.chatfabric), "up", "--no-arena", "--port", str(port),
-                        "--nats-port", str(free_port()), "--data-dir", str(Path(tmp) / f"{round_}-{len(flags)}"), *flags]
-                async with Server(argv, port, Path(tmp) / f"{round_}-{len(flags)}.log", MODEL):
+                        "--nats-port", str(free_port()), "--data-dir", str(folder), *flags]
+                async with Server(argv, port, folder.with_suffix(".log"), MODEL, start_timeout=600):
                     row = await conversations(port, args, seed=round_)
-                row.update(setup=name, round=round_, history=args.history, answer=args.answer,
+                row.update(backend=args.backend, setup=name, round=round_, history=args.history, answer=args.answer,
                            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-                print(f"round {round_} {name}: TTFT first turn {row['first_ttft_ms']:.0f} ms, second turn "
+                print(f"round {round_} {args.backend}, {name}: TTFT first turn {row['first_ttft_ms']:.0f} ms, second turn "
                       f"{row['second_ttft_ms']:.0f} ms (x{row['ratio']:.2f}; second prompts of "
                       f"{min(row['second_prompt_tokens'])}-{max(row['second_prompt_tokens'])} tokens)", flush=True)
                 if args.output:
@@ -101,6 +106,7 @@ def main() -> None:
     parser.add_argument("--answer", type=int, default=32, help="tokens of each answer")
     parser.add_argument("--conversations", type=int, default=5, help="measured conversations per server")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--backend", choices=sorted(SETUPS), default="hf")
     parser.add_argument("--chatfabric", default=f"{sys.executable} -m chatfabric.deploy.cli",
                         help="the command that runs chatfabric (default: this Python's)")
     parser.add_argument("--output", type=Path, help="append one JSON line per server to this file")

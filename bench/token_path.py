@@ -100,6 +100,7 @@ class Server:
     port: int
     log: Path
     ready_text: str  # what its /v1/models answer holds once it serves (any answer: "")
+    start_timeout: float = 60.0  # seconds it may take to serve
     proc: subprocess.Popen | None = field(default=None, init=False)
 
     async def __aenter__(self) -> "Server":
@@ -107,7 +108,7 @@ class Server:
                                      start_new_session=True)
         url = f"http://127.0.0.1:{self.port}/v1/models"
         async with aiohttp.ClientSession() as session:
-            for _ in range(600):
+            for _ in range(int(self.start_timeout * 10)):
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"{self.argv[0]} exited: {self.log.read_text()[-2000:]}")
                 with contextlib.suppress(aiohttp.ClientError):
