@@ -15,6 +15,7 @@ class RequestResult:
     first_token: float | None = None
     end: float | None = None
     token_times: list[float] = field(default_factory=list)  # arrival of each content chunk
+    text: list[str] = field(default_factory=list)  # each content chunk's text
     prompt_tokens: int | None = None
     output_tokens: int = 0
     usage_reported: bool = False

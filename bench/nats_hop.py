@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import datetime
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -31,13 +30,13 @@ import nats
 
 from ..deploy.cli import event_loop_factory
 from ..proto.embedded import EmbeddedServer
+from .metrics import distribution
 
 
-def summary(kind: str, gap_ms: float, samples: list[float]) -> dict:
-    ordered = sorted(samples)
-    return {"kind": kind, "gap_ms": gap_ms, "n": len(samples),
-            "p50_ms": statistics.median(samples), "p90_ms": ordered[int(0.9 * (len(ordered) - 1))],
-            "mean_ms": statistics.fmean(samples)}
+def summary(kind: str, gap_ms: float, samples_ms: list[float]) -> dict:
+    spread = distribution(samples_ms, scale=1.0)
+    return {"kind": kind, "gap_ms": gap_ms, "n": len(samples_ms),
+            "p50_ms": spread["p50"], "p90_ms": spread["p90"], "mean_ms": spread["mean"]}
 
 
 async def hops(url: str, gaps_ms: list[float], count: int) -> list[dict]:

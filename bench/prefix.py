@@ -22,13 +22,14 @@ import shlex
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import aiohttp
 
 from ..proto.embedded import free_port
-from .prompts import synthetic
+from .metrics import RequestResult
+from .prompts import Prompt, synthetic
+from .runner import Target, one_request
 from .token_path import MODEL, Server
 
 VLLM = ("--backend", "vllm", "--dtype", "float32", "--max-model-len", "2048")
@@ -38,43 +39,27 @@ SETUPS = {
 }
 
 
-async def turn(session: aiohttp.ClientSession, url: str, messages: list[dict],
-               max_tokens: int) -> tuple[float, str, int]:
-    """(TTFT in ms, the answer, prompt tokens) of one streamed greedy chat completion."""
-    body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
-    sent, first, parts, prompt_tokens = time.perf_counter(), None, [], 0
-    async with session.post(url, json=body) as resp:
-        resp.raise_for_status()
-        async for line in resp.content:
-            if not line.startswith(b"data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                prompt_tokens = chunk["usage"]["prompt_tokens"]
-            delta = chunk["choices"][0]["delta"].get("content") if chunk["choices"] else None
-            if delta:
-                first = first or time.perf_counter()
-                parts.append(delta)
-    if first is None:
-        raise RuntimeError("the answer had no text")
-    return (first - sent) * 1000, "".join(parts), prompt_tokens
+async def turn(session: aiohttp.ClientSession, target: Target, prompt: Prompt) -> RequestResult:
+    """One streamed greedy chat completion, which must succeed with some text."""
+    result = await one_request(session, target, prompt)
+    if not result.ok or result.first_token is None:
+        raise RuntimeError(f"a turn failed: {result.error or 'no text'}")
+    return result
 
 
 async def conversations(port: int, args, seed: int) -> dict:
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    target = Target(f"http://127.0.0.1:{port}/v1", MODEL, "chat", ignore_eos=False)
     firsts, seconds, lengths = [], [], []
-    timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    async with aiohttp.ClientSession() as session:
         # a warm-up conversation, not counted
         for prompt in synthetic(args.conversations + 1, args.history, args.answer, seed=seed):
-            history = [{"role": "user", "content": prompt.text}]
-            ttft, answer, _ = await turn(session, url, history, args.answer)
-            history += [{"role": "assistant", "content": answer}, {"role": "user", "content": "Go on."}]
-            again, _, length = await turn(session, url, history, args.answer)
-            firsts.append(ttft)
-            seconds.append(again)
-            lengths.append(length)
+            first = await turn(session, target, prompt)
+            earlier = ({"role": "user", "content": prompt.text},
+                       {"role": "assistant", "content": "".join(first.text)})
+            second = await turn(session, target, Prompt("Go on.", args.answer, earlier))
+            firsts.append(first.ttft * 1000)
+            seconds.append(second.ttft * 1000)
+            lengths.append(second.prompt_tokens)
     firsts, seconds, lengths = firsts[1:], seconds[1:], lengths[1:]
     return {"first_ttft_ms": statistics.median(firsts), "second_ttft_ms": statistics.median(seconds),
             "ratio": statistics.median(s / f for f, s in zip(firsts, seconds)),

@@ -22,6 +22,7 @@ WORDS = (
 class Prompt:
     text: str
     output_len: int
+    earlier: tuple[dict, ...] = ()  # chat: the conversation's messages before this one
 
 
 def synthetic(count: int, input_len: int, output_len: int, seed: int = 0) -> list[Prompt]:

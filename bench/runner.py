@@ -46,7 +46,7 @@ class Target:
             body["ignore_eos"] = True
         if self.endpoint == "chat":
             messages = [{"role": "system", "content": self.system}] if self.system else []
-            body["messages"] = messages + [{"role": "user", "content": prompt.text}]
+            body["messages"] = messages + [*prompt.earlier, {"role": "user", "content": prompt.text}]
         else:
             body["prompt"] = prompt.text
         return body
@@ -84,9 +84,10 @@ async def one_request(session: aiohttp.ClientSession, target: Target, prompt: Pr
                     return result
                 usage = event.get("usage") or usage
                 for choice in event.get("choices") or ():
-                    if _chunk_text(choice):
+                    if text := _chunk_text(choice):
                         now = time.perf_counter()
                         result.token_times.append(now)
+                        result.text.append(text)
                         if result.first_token is None:
                             result.first_token = now
                         chunks += 1

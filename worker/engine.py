@@ -300,12 +300,13 @@ class BatchEngine:
         if self._prefixes is None or seq.aborted:
             return
         tokens = seq.prompt_ids + seq.output_ids[:-1]
-        if not self._prefixes.min_tokens <= len(tokens) <= min(self.kv_free_tokens, self.prefix_cache_tokens):
+        room = min(self.kv_free_tokens, self.prefix_cache_tokens)  # its reservation is back already (`_emit`)
+        if not self._prefixes.min_tokens <= len(tokens) <= room:
             return
         try:
             layers = copy_kv(len(tokens))
             if layers is not None:
-                with self._cond:  # its reservation is back already (`_emit`): the room counts it
+                with self._cond:  # the room again, now under the lock: requests may have reserved meanwhile
                     self._prefixes.add(tokens, layers, room=min(self.kv_free_tokens, self.prefix_cache_tokens))
         except Exception:  # out of memory, say: the cache goes without it, no request fails for it
             log.exception("could not keep a finished sequence's KV for the prefix cache")

@@ -34,9 +34,6 @@ class PrefixCache:
         self.hits = 0  # prompts that reused a prefix
         self.reused_tokens = 0  # prompt tokens not prefilled thanks to it
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def match(self, prompt: Sequence[int]) -> tuple[int, Layers] | None:
         """The longest prefix of `prompt` that an entry holds, at most all but its last token
         (whose logits the first sampled token needs), as (length, that entry's layers); None
@@ -80,9 +77,6 @@ class PrefixCache:
         """Drop the least recently used entries until at most `limit` tokens are held."""
         while self.tokens > max(limit, 0) and self._entries:
             self._drop(next(iter(self._entries)))
-
-    def clear(self) -> None:
-        self.evict_to(0)
 
     def _drop(self, key: tuple[int, ...]) -> None:
         del self._entries[key]
